@@ -1,0 +1,203 @@
+"""Background jobs: training runs in a separate process, talking through the store.
+
+A job is a row in the ``jobs`` table. ``start_job`` queues it and spawns
+``python -m rlhf.jobs DB JOB_ID``; the child loads its runner (reward training,
+PPO, ...), writes status, metrics and checkpoints to the store, and polls the
+row's ``control`` column between steps for pause / resume / cancel requests.
+A separate process, not a thread: a crash or an out-of-memory kill in training
+must not take the app (or a label) down with it.
+
+A job whose process disappears (``kill -9``, OOM killer, a crash in C code) is
+marked ``failed`` with that reason the next time anyone looks (``refresh``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from rlhf.errors import UserError
+from rlhf.locations import checkpoints_dir
+from rlhf.store import ACTIVE_JOB_STATUSES, Store, now
+
+# kind -> "module:function" taking a JobContext; imported only in the child.
+RUNNERS: dict[str, str] = {
+    "reward": "rlhf.reward:run_job",
+    "ppo": "rlhf.ppo:run_job",
+}
+POLL_S = 0.5
+
+
+class JobCancelled(Exception):
+    """Raised inside a runner when the job was asked to stop."""
+
+
+@dataclass
+class JobContext:
+    """What a runner gets: the store, its job row's id and config, and the means
+    to report progress and honour pause / cancel between steps."""
+
+    store: Store
+    job_id: int
+    config: dict[str, Any]
+    db_path: Path
+    _paused_s: float = field(default=0.0, repr=False)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return checkpoints_dir(self.db_path)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record one step's metrics (also the job's heartbeat and step counter)."""
+        self.store.log_metrics(self.job_id, step, metrics)
+
+    def set_total(self, total_steps: int) -> None:
+        self.store.update_job(self.job_id, total_steps=total_steps)
+
+    def checkpoint(self) -> None:
+        """Call between steps: raises JobCancelled on cancel, blocks while paused."""
+        control = self.store.job(self.job_id)["control"]
+        if control == "cancel":
+            raise JobCancelled()
+        if control != "pause":
+            return
+        self.store.update_job(self.job_id, status="paused")
+        while True:
+            time.sleep(POLL_S)
+            control = self.store.job(self.job_id)["control"]
+            if control == "cancel":
+                raise JobCancelled()
+            if control != "pause":
+                self.store.update_job(self.job_id, status="running", heartbeat_at=now())
+                return
+
+
+# --- the parent's side ---------------------------------------------------------
+
+
+def process_alive(job: dict[str, Any]) -> bool:
+    """Is the job's process still there (and still ours, not a reused pid)?"""
+    pid = job.get("pid")
+    if not pid:
+        # Queued but not yet started: give the child a moment to write its pid.
+        created = job.get("created_at") or ""
+        return time.time() - _epoch(created) < 60
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return any("rlhf.jobs" in part for part in proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _epoch(stamp: str) -> float:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def refresh(store: Store) -> list[int]:
+    """Mark active jobs whose process died as failed; returns their ids."""
+    return store.mark_dead_jobs(process_alive)
+
+
+def start_job(store: Store, kind: str, config: dict[str, Any], *, total_steps: int | None = None) -> int:
+    """Queue a job and start its process. Refuses while another job is active."""
+    if kind not in RUNNERS:
+        raise UserError(f"unknown job kind {kind!r}: one of {', '.join(RUNNERS)}")
+    job_id = store.create_job(kind, config, total_steps=total_steps, is_alive=process_alive)
+    log_path = checkpoints_dir(store.path) / f"job-{job_id}.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rlhf.jobs", str(store.path), str(job_id)],
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outlives the app; Ctrl-C in the app does not kill it
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    store.update_job(job_id, pid=proc.pid)
+    return job_id
+
+
+def request(store: Store, job_id: int, action: str) -> None:
+    """Ask a running job to 'pause', 'resume' or 'cancel' (it acts between steps)."""
+    job = store.job(job_id)
+    if job["status"] not in ACTIVE_JOB_STATUSES:
+        raise UserError(f"job {job_id} is {job['status']}; only a queued, running or paused job can be told to {action}")
+    control = {"pause": "pause", "resume": None, "cancel": "cancel"}
+    if action not in control:
+        raise UserError(f"unknown job action {action!r}: pause, resume or cancel")
+    store.update_job(job_id, control=control[action])
+
+
+def wait(store: Store, job_id: int, timeout_s: float = 600.0,
+         on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Block until the job ends (or its process dies); returns the final row."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        refresh(store)
+        job = store.job(job_id)
+        if on_poll:
+            on_poll(job)
+        if job["status"] not in ACTIVE_JOB_STATUSES:
+            return job
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s:.0f} s")
+        time.sleep(POLL_S)
+
+
+def active_job(store: Store) -> dict[str, Any] | None:
+    refresh(store)
+    for job in reversed(store.jobs()):
+        if job["status"] in ACTIVE_JOB_STATUSES:
+            return job
+    return None
+
+
+# --- the child's side ------------------------------------------------------------
+
+
+def _runner(kind: str) -> Callable[[JobContext], None]:
+    module, func = RUNNERS[kind].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run(db_path: Path, job_id: int) -> int:
+    """Run one job to its end in this process; returns the exit code."""
+    store = Store(db_path)
+    job = store.job(job_id)
+    store.update_job(job_id, status="running", pid=os.getpid(), started_at=now(), heartbeat_at=now())
+    ctx = JobContext(store=store, job_id=job_id, config=job["config"], db_path=Path(db_path))
+    try:
+        _runner(job["kind"])(ctx)
+    except JobCancelled:
+        store.update_job(job_id, status="cancelled", finished_at=now(), control=None)
+        return 0
+    except UserError as e:
+        store.update_job(job_id, status="failed", error=str(e), finished_at=now())
+        return 1
+    except BaseException as e:  # a bug or an environment failure: keep the traceback in the log
+        traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        store.update_job(job_id, status="failed", error=f"{type(e).__name__}: {first}"[:500],
+                         finished_at=now())
+        return 1
+    store.update_job(job_id, status="done", finished_at=now(), control=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(Path(sys.argv[1]), int(sys.argv[2])))

@@ -1,0 +1,60 @@
+"""Labels and the preference pairs they imply.
+
+Each kind of answer is a small rule (after lm-human-preferences' label_types.py):
+- ``best``: the pick beats each of the other K-1 completions (K-1 pairs);
+- ``ranking``: a full order, best first, gives all C(K,2) pairs;
+- ``tie``, ``all_bad``, ``skip``: kept in the store as they are and give no pairs
+  (a tie carries no Bradley-Terry signal without a tie-aware loss).
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Any
+
+from rlhf.errors import UserError
+from rlhf.store import LABEL_KINDS, Store
+
+PAIRLESS_KINDS = ("tie", "all_bad", "skip")
+
+
+def pairs_for_label(kind: str, completion_ids: list[int], choice: list[int] | None) -> list[tuple[int, int]]:
+    """(chosen, rejected) completion ids for one label.
+
+    ``choice`` holds positions in ``completion_ids`` (the order shown): one
+    position for ``best``, every position best first for ``ranking``."""
+    if kind not in LABEL_KINDS:
+        raise UserError(f"unknown label kind {kind!r}: use one of {', '.join(LABEL_KINDS)}")
+    if kind in PAIRLESS_KINDS:
+        return []
+    k = len(completion_ids)
+    if not choice or any(not 0 <= c < k for c in choice):
+        raise UserError(f"a {kind} label needs positions between 0 and {k - 1}, got {choice}")
+    if kind == "best":
+        if len(choice) != 1:
+            raise UserError(f"a best-of-K label picks one completion, got {len(choice)}")
+        best = completion_ids[choice[0]]
+        return [(best, other) for other in completion_ids if other != best]
+    if sorted(choice) != list(range(k)):
+        raise UserError(f"a ranking must order all {k} completions exactly once, got {choice}")
+    ranked = [completion_ids[c] for c in choice]
+    return list(combinations(ranked, 2))  # earlier in the ranking = chosen
+
+
+def record_label(store: Store, prompt_id: int, completion_ids: list[int], kind: str,
+                 choice: list[int] | None = None, *, labeler: str | None = None,
+                 seconds: float | None = None, purpose: str = "preference") -> int:
+    """Record a label and its pairs in one transaction; returns the comparison id."""
+    pairs = pairs_for_label(kind, completion_ids, choice)
+    return store.record_comparison(prompt_id, completion_ids, kind, choice, pairs,
+                                   labeler=labeler, seconds=seconds, purpose=purpose)
+
+
+def undo_last_label(store: Store, *, labeler: str | None = None,
+                    purpose: str = "preference") -> dict[str, Any] | None:
+    """Remove the most recent label (and its pairs, nothing else). Returns it, or
+    None when there is nothing to undo."""
+    last = store.last_comparison(purpose=purpose, labeler=labeler)
+    if last is not None:
+        store.delete_comparison(last["id"])
+    return last

@@ -1,0 +1,146 @@
+"""Sampling K completions per prompt in one batched ``generate``.
+
+Prompts go through the model's chat template and are left-padded (generation
+continues from the right edge of every row). The pad token differs from EOS, so
+a completion's EOS is a real token the policy can learn to emit. Each sample
+keeps the log-probs of its sampled tokens computed from the logits divided by the
+sampling temperature: the same numbers PPO later recomputes for its ratio and KL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from rlhf.models import ModelStack
+
+
+@dataclass
+class SamplingParams:
+    """How completions are drawn. Defaults suit a 135M chat model on a CPU."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    # Sequences per generate call; bounds memory (logits are kept per step).
+    batch_size: int = 16
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (log-probs are computed from logits / temperature)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+
+
+@dataclass
+class Sample:
+    """One sampled completion."""
+
+    text: str
+    token_ids: list[int]          # sampled ids, EOS included when emitted
+    logprobs: list[float]         # log p(token) at the sampling temperature
+    finish_reason: str            # 'eos' | 'length'
+    prompt_ids: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def as_row(self, params: SamplingParams, policy_version: int) -> dict[str, Any]:
+        """The columns of the store's ``completions`` table."""
+        return {
+            "text": self.text, "token_ids": self.token_ids, "n_tokens": self.n_tokens,
+            "finish_reason": self.finish_reason, "policy_version": policy_version,
+            "temperature": params.temperature, "top_p": params.top_p,
+            "max_new_tokens": params.max_new_tokens, "logprobs": self.logprobs,
+        }
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of a user prompt in the model's chat format, ready for the reply."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(prompt)["input_ids"]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into (ids, attention_mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(stack: ModelStack, prompt_rows: Sequence[Sequence[int]], params: SamplingParams,
+             role: str = "policy") -> list[Sample]:
+    """Sample one completion per row of prompt ids, batched."""
+    tok = stack.tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    samples: list[Sample] = []
+    for start in range(0, len(prompt_rows), params.batch_size):
+        chunk = prompt_rows[start:start + params.batch_size]
+        ids, mask = left_pad(chunk, pad)
+        ids, mask = ids.to(stack.device), mask.to(stack.device)
+        with stack.role(role):
+            out = stack.peft.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True,
+                temperature=params.temperature, top_p=params.top_p, top_k=0,
+                max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                output_logits=True, return_dict_in_generate=True,
+            )
+        new = out.sequences[:, ids.shape[1]:]
+        # Raw logits / temperature: the distribution the token was drawn from
+        # before top-p truncation, as PPO recomputes it (DESIGN.md).
+        logits = torch.stack(out.logits, dim=1).float() / params.temperature
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        for row, prompt in enumerate(chunk):
+            token_ids = new[row].tolist()
+            if eos in token_ids:
+                n = token_ids.index(eos) + 1
+                finish = "eos"
+            else:
+                n = len(token_ids)
+                finish = "length"
+            token_ids = token_ids[:n]
+            body = token_ids[:-1] if finish == "eos" else token_ids
+            samples.append(Sample(
+                text=tok.decode(body, skip_special_tokens=True).strip(),
+                token_ids=token_ids, logprobs=logp[row, :n].tolist(),
+                finish_reason=finish, prompt_ids=list(prompt)))
+    return samples
+
+
+def sample_k(stack: ModelStack, prompts: Sequence[str], k: int, params: SamplingParams | None = None,
+             role: str = "policy") -> list[list[Sample]]:
+    """K completions for each prompt, all in batched ``generate`` calls.
+    Returns one list of K samples per prompt, in prompt order."""
+    params = params or SamplingParams()
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    rows = [chat_prompt_ids(stack.tokenizer, p) for p in prompts]
+    flat = generate(stack, [r for r in rows for _ in range(k)], params, role=role)
+    return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+Sampler = Callable[[Sequence[str], int], list[list[Sample]]]
+
+
+def params_dict(params: SamplingParams) -> dict[str, Any]:
+    return asdict(params)

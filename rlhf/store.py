@@ -1,0 +1,604 @@
+"""The SQLite store: the single source of truth, and the channel between the app,
+the CLI and background jobs.
+
+Every write is its own short transaction, committed as it is made, so a label
+is on disk the moment the researcher presses a key, and a second process (a
+training job, the CLI) can read and write beside us. WAL mode lets readers and
+one writer proceed together; the busy timeout makes a writer wait for another
+instead of failing.
+
+Schema versions live in ``PRAGMA user_version``; ``MIGRATIONS[i]`` takes a
+database from version ``i`` to ``i + 1`` and runs on open. A database written by
+a newer version of this program is refused and never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from rlhf.errors import UserError
+
+BUSY_TIMEOUT_S = 30.0
+
+# Kinds of answer a labeler can give (issue 3). Only "best" and "ranking"
+# yield pairs; "tie", "all_bad" and "skip" are kept as they are.
+LABEL_KINDS = ("best", "ranking", "tie", "all_bad", "skip")
+# Statuses a background job moves through (see rlhf/jobs.py).
+JOB_STATUSES = ("queued", "running", "paused", "done", "failed", "cancelled")
+ACTIVE_JOB_STATUSES = ("queued", "running", "paused")
+
+
+def now() -> str:
+    """UTC timestamp in ISO 8601, the one format every table uses."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+# --- migrations -----------------------------------------------------------
+
+
+def _v0_to_v1(db: sqlite_utils.Database) -> None:
+    """Prompts, completions and labels: what the first release recorded."""
+    db.execute(
+        """CREATE TABLE prompts (
+            id INTEGER PRIMARY KEY,
+            text TEXT NOT NULL UNIQUE,
+            source TEXT,
+            meta TEXT,
+            created_at TEXT NOT NULL,
+            edited_at TEXT
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE completions (
+            id INTEGER PRIMARY KEY,
+            prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+            text TEXT NOT NULL,
+            token_ids TEXT,              -- JSON list of sampled ids, EOS included
+            n_tokens INTEGER NOT NULL,
+            finish_reason TEXT NOT NULL, -- 'eos' | 'length' | 'imported'
+            policy_version INTEGER,      -- 0 = reference/base; NULL = imported
+            temperature REAL,
+            top_p REAL,
+            max_new_tokens INTEGER,
+            logprobs TEXT,               -- JSON list, one per sampled token
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX completions_prompt ON completions(prompt_id)")
+    db.execute(
+        """CREATE TABLE comparisons (
+            id INTEGER PRIMARY KEY,
+            prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+            completion_ids TEXT NOT NULL, -- JSON list, in the order shown
+            kind TEXT NOT NULL,           -- one of LABEL_KINDS
+            choice TEXT,                  -- JSON: shown positions, best first
+            labeler TEXT,
+            seconds REAL,
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE pairs (
+            id INTEGER PRIMARY KEY,
+            comparison_id INTEGER REFERENCES comparisons(id) ON DELETE CASCADE,
+            prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+            chosen_id INTEGER NOT NULL REFERENCES completions(id),
+            rejected_id INTEGER NOT NULL REFERENCES completions(id),
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX pairs_comparison ON pairs(comparison_id)")
+
+
+def _v1_to_v2(db: sqlite_utils.Database) -> None:
+    """Imported pairs, background jobs, their metrics and checkpoints."""
+    db.execute("ALTER TABLE pairs ADD COLUMN source TEXT NOT NULL DEFAULT 'label'")
+    # Hash of (prompt, chosen, rejected) for imported pairs: importing a file
+    # twice must not duplicate them. NULL for labeled pairs (never deduplicated).
+    db.execute("ALTER TABLE pairs ADD COLUMN import_key TEXT")
+    db.execute("CREATE UNIQUE INDEX pairs_import_key ON pairs(import_key)")
+    db.execute("ALTER TABLE comparisons ADD COLUMN purpose TEXT NOT NULL DEFAULT 'preference'")
+    db.execute(
+        """CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,           -- 'reward' | 'ppo' | ...
+            status TEXT NOT NULL,         -- one of JOB_STATUSES
+            config TEXT,                  -- JSON
+            pid INTEGER,
+            step INTEGER NOT NULL DEFAULT 0,
+            total_steps INTEGER,
+            control TEXT,                 -- 'cancel' | 'pause' | NULL, set by the app
+            error TEXT,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            heartbeat_at TEXT,
+            finished_at TEXT
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE metrics (
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            step INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            value REAL,
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX metrics_job_step ON metrics(job_id, step)")
+    db.execute(
+        """CREATE TABLE checkpoints (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,           -- 'policy' | 'reward'
+            version INTEGER NOT NULL,     -- 1, 2, ... per kind; policy 0 = base
+            path TEXT NOT NULL,
+            job_id INTEGER REFERENCES jobs(id),
+            parent_version INTEGER,
+            meta TEXT,                    -- JSON: normalization, metrics, ...
+            created_at TEXT NOT NULL,
+            UNIQUE(kind, version)
+        )"""
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v0_to_v1, _v1_to_v2]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# --- rows -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: int
+    text: str
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    id: int
+    prompt_id: int
+    text: str
+    n_tokens: int
+    finish_reason: str
+    policy_version: int | None
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
+
+
+def _completion(row: dict[str, Any]) -> Completion:
+    return Completion(
+        id=row["id"],
+        prompt_id=row["prompt_id"],
+        text=row["text"],
+        n_tokens=row["n_tokens"],
+        finish_reason=row["finish_reason"],
+        policy_version=row["policy_version"],
+        token_ids=json.loads(row["token_ids"]) if row["token_ids"] else None,
+        logprobs=json.loads(row["logprobs"]) if row["logprobs"] else None,
+    )
+
+
+# --- the store ----------------------------------------------------------------
+
+
+class Store:
+    """One open database. Safe to share between the threads of one process."""
+
+    def __init__(self, path: str | Path, *, migrate_to: int = SCHEMA_VERSION) -> None:
+        self.path = Path(path)
+        if not self.path.parent.exists():
+            raise UserError(f"database folder {self.path.parent} does not exist: create it or pass another --db")
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            self.db.enable_wal()
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate(migrate_to)
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise UserError(f"{self.path} is not a workbench database ({e}): pass another --db") from e
+        except UserError:
+            conn.close()
+            raise
+
+    # -- plumbing
+
+    @property
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self, target: int) -> None:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise UserError(
+                f"{self.path} was written by a newer version of the workbench "
+                f"(schema {version}, this one knows {SCHEMA_VERSION}): upgrade rlhf-workbench; "
+                "the database was not changed"
+            )
+        # BEGIN IMMEDIATE: two processes opening an old database at once must
+        # not both run the same migration.
+        with self._write(immediate=True):
+            version = self.schema_version
+            for step in range(version, target):
+                MIGRATIONS[step](self.db)
+                self.db.execute(f"PRAGMA user_version = {step + 1}")
+
+    @contextmanager
+    def _write(self, *, immediate: bool = False) -> Iterator[sqlite_utils.Database]:
+        """One short transaction; committed on exit, rolled back on error."""
+        with self._lock:
+            conn = self.db.conn
+            conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            try:
+                yield self.db
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _rows(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self.db.execute(sql, params).fetchall()]
+
+    def _one(self, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- prompts
+
+    def add_prompts(self, texts: Iterable[str], source: str | None = None,
+                    meta: Iterable[dict[str, Any] | None] | None = None) -> tuple[int, int]:
+        """Add prompts, skipping exact duplicates. Returns (added, already there)."""
+        texts = list(texts)
+        metas = list(meta) if meta is not None else [None] * len(texts)
+        added = 0
+        with self._write() as db:
+            for text, m in zip(texts, metas):
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO prompts (text, source, meta, created_at) VALUES (?, ?, ?, ?)",
+                    [text, source, json.dumps(m) if m else None, now()],
+                )
+                added += cur.rowcount
+        return added, len(texts) - added
+
+    def add_prompt(self, text: str, source: str | None = None) -> int:
+        """Add one prompt (or find it) and return its id."""
+        self.add_prompts([text], source)
+        row = self._one("SELECT id FROM prompts WHERE text = ?", [text])
+        assert row is not None
+        return row["id"]
+
+    def edit_prompt(self, prompt_id: int, text: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE prompts SET text = ?, edited_at = ? WHERE id = ?", [text, now(), prompt_id])
+
+    def prompts(self) -> list[Prompt]:
+        return [Prompt(r["id"], r["text"], r["source"])
+                for r in self._rows("SELECT id, text, source FROM prompts ORDER BY id")]
+
+    def prompt(self, prompt_id: int) -> Prompt:
+        r = self._one("SELECT id, text, source FROM prompts WHERE id = ?", [prompt_id])
+        if r is None:
+            raise UserError(f"no prompt with id {prompt_id}")
+        return Prompt(r["id"], r["text"], r["source"])
+
+    def unlabeled_prompt_ids(self) -> list[int]:
+        """Prompts with no preference label yet (skips count as labeled)."""
+        return [r["id"] for r in self._rows(
+            "SELECT id FROM prompts WHERE id NOT IN "
+            "(SELECT prompt_id FROM comparisons WHERE purpose = 'preference') ORDER BY id")]
+
+    # -- completions
+
+    def add_completions(self, prompt_id: int, rows: Iterable[dict[str, Any]]) -> list[int]:
+        """Record sampled completions; each row holds the ``completions`` columns."""
+        ids = []
+        with self._write() as db:
+            for row in rows:
+                row = dict(row, prompt_id=prompt_id, created_at=now())
+                for key in ("token_ids", "logprobs"):
+                    if isinstance(row.get(key), list):
+                        row[key] = json.dumps(row[key])
+                cols = ", ".join(row)
+                marks = ", ".join("?" for _ in row)
+                cur = db.execute(f"INSERT INTO completions ({cols}) VALUES ({marks})", list(row.values()))
+                ids.append(cur.lastrowid)
+        return ids
+
+    def completions(self, ids: Iterable[int]) -> list[Completion]:
+        """Completions by id, in the order asked."""
+        ids = list(ids)
+        if not ids:
+            return []
+        marks = ", ".join("?" for _ in ids)
+        by_id = {r["id"]: _completion(r) for r in self._rows(f"SELECT * FROM completions WHERE id IN ({marks})", ids)}
+        return [by_id[i] for i in ids]
+
+    def completions_for_prompt(self, prompt_id: int, policy_version: int | None = None) -> list[Completion]:
+        sql = "SELECT * FROM completions WHERE prompt_id = ?"
+        params: list[Any] = [prompt_id]
+        if policy_version is not None:
+            sql += " AND policy_version = ?"
+            params.append(policy_version)
+        return [_completion(r) for r in self._rows(sql + " ORDER BY id", params)]
+
+    # -- labels
+
+    def record_comparison(self, prompt_id: int, completion_ids: list[int], kind: str,
+                          choice: list[int] | None, pairs: list[tuple[int, int]], *,
+                          labeler: str | None = None, seconds: float | None = None,
+                          purpose: str = "preference") -> int:
+        """Record one label and the (chosen, rejected) completion pairs it implies,
+        in one transaction. Returns the comparison id."""
+        if kind not in LABEL_KINDS:
+            raise ValueError(f"unknown label kind {kind!r}; expected one of {LABEL_KINDS}")
+        stamp = now()
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT INTO comparisons (prompt_id, completion_ids, kind, choice, labeler, seconds, "
+                "created_at, purpose) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [prompt_id, json.dumps(completion_ids), kind, json.dumps(choice) if choice is not None else None,
+                 labeler, seconds, stamp, purpose],
+            )
+            cid = cur.lastrowid
+            for chosen, rejected in pairs:
+                db.execute(
+                    "INSERT INTO pairs (comparison_id, prompt_id, chosen_id, rejected_id, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [cid, prompt_id, chosen, rejected, stamp],
+                )
+        assert cid is not None
+        return cid
+
+    def last_comparison(self, purpose: str = "preference", labeler: str | None = None) -> dict[str, Any] | None:
+        sql = "SELECT * FROM comparisons WHERE purpose = ?"
+        params: list[Any] = [purpose]
+        if labeler is not None:
+            sql += " AND labeler = ?"
+            params.append(labeler)
+        row = self._one(sql + " ORDER BY id DESC LIMIT 1", params)
+        if row:
+            row["completion_ids"] = json.loads(row["completion_ids"])
+            row["choice"] = json.loads(row["choice"]) if row["choice"] else None
+        return row
+
+    def delete_comparison(self, comparison_id: int) -> None:
+        """Remove one label and its pairs, nothing else (undo)."""
+        with self._write() as db:
+            db.execute("DELETE FROM pairs WHERE comparison_id = ?", [comparison_id])
+            db.execute("DELETE FROM comparisons WHERE id = ?", [comparison_id])
+
+    def comparisons(self, purpose: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM comparisons"
+        params: list[Any] = []
+        if purpose is not None:
+            sql += " WHERE purpose = ?"
+            params.append(purpose)
+        rows = self._rows(sql + " ORDER BY id", params)
+        for row in rows:
+            row["completion_ids"] = json.loads(row["completion_ids"])
+            row["choice"] = json.loads(row["choice"]) if row["choice"] else None
+        return rows
+
+    def add_imported_pair(self, prompt: str, chosen: str, rejected: str, source: str, key: str) -> bool:
+        """Store one imported pair (prompt, two completions, the pair) unless a pair
+        with the same key is already there. Returns True when it was added."""
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM pairs WHERE import_key = ?", [key]).fetchone():
+                return False
+            db.execute("INSERT OR IGNORE INTO prompts (text, source, created_at) VALUES (?, ?, ?)",
+                       [prompt, source, now()])
+            prompt_id = db.execute("SELECT id FROM prompts WHERE text = ?", [prompt]).fetchone()[0]
+            ids = []
+            for text in (chosen, rejected):
+                cur = db.execute(
+                    "INSERT INTO completions (prompt_id, text, n_tokens, finish_reason, created_at) "
+                    "VALUES (?, ?, 0, 'imported', ?)", [prompt_id, text, now()])
+                ids.append(cur.lastrowid)
+            db.execute(
+                "INSERT INTO pairs (prompt_id, chosen_id, rejected_id, created_at, source, import_key) "
+                "VALUES (?, ?, ?, ?, ?, ?)", [prompt_id, ids[0], ids[1], now(), source, key])
+        return True
+
+    def pairs(self, *, since: str | None = None, policy_version: int | None = None,
+              labeler: str | None = None, source: str | None = None,
+              purpose: str = "preference") -> list[dict[str, Any]]:
+        """Preference pairs as text with their metadata, oldest first.
+
+        ``source`` is 'label' for the researcher's own labels, 'import' for every
+        imported file, or an exact source string. Filters are ANDed."""
+        sql = """
+            SELECT p.id AS pair_id, p.comparison_id, p.prompt_id, p.source, p.created_at,
+                   pr.text AS prompt, c.text AS chosen, r.text AS rejected,
+                   p.chosen_id, p.rejected_id, c.finish_reason AS chosen_finish,
+                   r.finish_reason AS rejected_finish,
+                   c.policy_version AS policy_version, cmp.labeler AS labeler
+            FROM pairs p
+            JOIN prompts pr ON pr.id = p.prompt_id
+            JOIN completions c ON c.id = p.chosen_id
+            JOIN completions r ON r.id = p.rejected_id
+            LEFT JOIN comparisons cmp ON cmp.id = p.comparison_id
+            WHERE (cmp.purpose IS NULL OR cmp.purpose = ?)"""
+        params: list[Any] = [purpose]
+        if since is not None:
+            sql += " AND p.created_at >= ?"
+            params.append(since)
+        if policy_version is not None:
+            sql += " AND c.policy_version = ? AND r.policy_version = ?"
+            params += [policy_version, policy_version]
+        if labeler is not None:
+            sql += " AND cmp.labeler = ?"
+            params.append(labeler)
+        if source == "import":
+            sql += " AND p.source != 'label'"
+        elif source is not None:
+            sql += " AND p.source = ?"
+            params.append(source)
+        return self._rows(sql + " ORDER BY p.id", params)
+
+    # -- jobs and metrics
+
+    def create_job(self, kind: str, config: dict[str, Any], *, total_steps: int | None = None,
+                   exclusive: bool = True, is_alive: Callable[[dict[str, Any]], bool] | None = None) -> int:
+        """Queue a job. With ``exclusive``, refuse while another job is active:
+        two training jobs on one machine would only fight for its cores and memory.
+        ``is_alive`` lets the caller clear jobs whose process died first."""
+        with self._write(immediate=True) as db:
+            marks = ", ".join("?" for _ in ACTIVE_JOB_STATUSES)
+            active = [dict(r) for r in db.execute(
+                f"SELECT * FROM jobs WHERE status IN ({marks})", ACTIVE_JOB_STATUSES).fetchall()]
+            for job in active:
+                if is_alive is not None and not is_alive(job):
+                    db.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                               [_died_message(job), now(), job["id"]])
+                elif exclusive:
+                    raise UserError(
+                        f"job {job['id']} ({job['kind']}) is already {job['status']} on this database: "
+                        "wait for it, or cancel it first")
+            cur = db.execute(
+                "INSERT INTO jobs (kind, status, config, total_steps, created_at) VALUES (?, 'queued', ?, ?, ?)",
+                [kind, json.dumps(config), total_steps, now()])
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        if not fields:
+            return
+        if "status" in fields and fields["status"] not in JOB_STATUSES:
+            raise ValueError(f"unknown job status {fields['status']!r}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._write() as db:
+            db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), job_id])
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        row = self._one("SELECT * FROM jobs WHERE id = ?", [job_id])
+        if row is None:
+            raise UserError(f"no job with id {job_id}")
+        row["config"] = json.loads(row["config"]) if row["config"] else {}
+        return row
+
+    def jobs(self, kind: str | None = None) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM jobs", []
+        if kind is not None:
+            sql, params = sql + " WHERE kind = ?", [kind]
+        rows = self._rows(sql + " ORDER BY id", params)
+        for row in rows:
+            row["config"] = json.loads(row["config"]) if row["config"] else {}
+        return rows
+
+    def mark_dead_jobs(self, is_alive: Callable[[dict[str, Any]], bool]) -> list[int]:
+        """Mark active jobs whose process is gone as failed; returns their ids."""
+        dead = []
+        marks = ", ".join("?" for _ in ACTIVE_JOB_STATUSES)
+        with self._write(immediate=True) as db:
+            for r in db.execute(f"SELECT * FROM jobs WHERE status IN ({marks})", ACTIVE_JOB_STATUSES).fetchall():
+                job = dict(r)
+                if not is_alive(job):
+                    db.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                               [_died_message(job), now(), job["id"]])
+                    dead.append(job["id"])
+        return dead
+
+    def log_metrics(self, job_id: int, step: int, values: dict[str, float]) -> None:
+        stamp = now()
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO metrics (job_id, step, name, value, created_at) VALUES (?, ?, ?, ?, ?)",
+                [(job_id, step, name, float(v), stamp) for name, v in values.items()])
+            db.execute("UPDATE jobs SET step = ?, heartbeat_at = ? WHERE id = ?", [step, stamp, job_id])
+
+    def metrics(self, job_id: int, after_step: int = -1) -> dict[str, list[tuple[int, float]]]:
+        """Metric series of a job: name -> [(step, value), ...], steps > after_step."""
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in self._rows("SELECT step, name, value FROM metrics WHERE job_id = ? AND step > ? ORDER BY step",
+                            [job_id, after_step]):
+            series.setdefault(r["name"], []).append((r["step"], r["value"]))
+        return series
+
+    # -- checkpoints (policy and reward versions)
+
+    def add_checkpoint(self, kind: str, path: str | Path, *, job_id: int | None = None,
+                       parent_version: int | None = None, meta: dict[str, Any] | None = None) -> int:
+        """Register a saved adapter as the next version of its kind; returns the version."""
+        with self._write(immediate=True) as db:
+            last = db.execute("SELECT MAX(version) FROM checkpoints WHERE kind = ?", [kind]).fetchone()[0]
+            version = (last or 0) + 1
+            db.execute(
+                "INSERT INTO checkpoints (kind, version, path, job_id, parent_version, meta, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [kind, version, str(path), job_id, parent_version, json.dumps(meta or {}), now()])
+        return version
+
+    def checkpoints(self, kind: str) -> list[dict[str, Any]]:
+        rows = self._rows("SELECT * FROM checkpoints WHERE kind = ? ORDER BY version", [kind])
+        for row in rows:
+            row["meta"] = json.loads(row["meta"]) if row["meta"] else {}
+        return rows
+
+    def checkpoint(self, kind: str, version: int | None = None) -> dict[str, Any] | None:
+        """A version of a kind, or the latest when version is None; None if there is none."""
+        rows = self.checkpoints(kind)
+        if version is None:
+            return rows[-1] if rows else None
+        for row in rows:
+            if row["version"] == version:
+                return row
+        raise UserError(f"no {kind} version {version}: `rlhf stats` lists the versions there are")
+
+    # -- summary
+
+    def stats(self) -> dict[str, Any]:
+        def count(sql: str) -> int:
+            return self._rows(sql)[0]["n"]
+
+        kinds = {r["kind"]: r["n"] for r in self._rows(
+            "SELECT kind, COUNT(*) AS n FROM comparisons WHERE purpose = 'preference' GROUP BY kind")}
+        return {
+            "database": str(self.path),
+            "schema_version": self.schema_version,
+            "prompts": count("SELECT COUNT(*) AS n FROM prompts"),
+            "prompts_labeled": count(
+                "SELECT COUNT(DISTINCT prompt_id) AS n FROM comparisons WHERE purpose = 'preference'"),
+            "completions": count("SELECT COUNT(*) AS n FROM completions"),
+            "comparisons": sum(kinds.values()),
+            "comparisons_by_kind": kinds,
+            "pairs_labeled": count("SELECT COUNT(*) AS n FROM pairs WHERE source = 'label'"),
+            "pairs_imported": count("SELECT COUNT(*) AS n FROM pairs WHERE source != 'label'"),
+            "policy_versions": [r["version"] for r in self.checkpoints("policy")],
+            "reward_versions": [r["version"] for r in self.checkpoints("reward")],
+            "jobs_active": count("SELECT COUNT(*) AS n FROM jobs WHERE status IN ('queued', 'running', 'paused')"),
+        }
+
+
+def _died_message(job: dict[str, Any]) -> str:
+    return (f"process {job['pid']} ended without finishing (crashed, killed or out of memory); "
+            f"last step {job['step']}")
+
+
+def open_store(path: str | Path) -> Store:
+    """Open (creating when missing) the database at ``path``."""
+    return Store(path)
