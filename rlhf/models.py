@@ -240,6 +240,8 @@ class ModelStack:
             p.requires_grad_(False)
         self.peft = get_peft_model(model, self.lora_config, adapter_name="policy")
         self.peft.eval()  # dropout off everywhere; we never call train()
+        for p in self.peft.parameters():  # trainers switch on what they train
+            p.requires_grad_(False)
         hidden = model.config.hidden_size
         dtype = compute_dtype(device)
         # Scalar heads on the last hidden state. The value head starts at zero
@@ -270,25 +272,43 @@ class ModelStack:
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for n, p in self.peft.named_parameters() if f".{name}." in n and "lora_" in n]
 
+    def ensure_adapter(self, name: str) -> None:
+        """Add a fresh adapter for a role (LoRA B = 0: it starts as the base)."""
+        if name not in self.peft.peft_config:
+            with self._keep_grad_flags():
+                self.peft.add_adapter(name, self.lora_config)
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(False)
+
+    @contextmanager
+    def _keep_grad_flags(self) -> Iterator[None]:
+        """peft's set_adapter/add_adapter mark the active adapter trainable; which
+        parameters train is the trainer's choice, so we put the flags back."""
+        flags = {n: p.requires_grad for n, p in self.peft.named_parameters() if "lora_" in n}
+        yield
+        for n, p in self.peft.named_parameters():
+            if n in flags:
+                p.requires_grad_(flags[n])
+
     @contextmanager
     def role(self, name: str) -> Iterator[None]:
         """Run the block with the adapter of one role active: 'policy', 'reward', or
-        'reference' (a frozen copy if one was loaded, else the bare base)."""
+        'reference' (a frozen copy if one was loaded, else the bare base).
+        Trainable flags are left as the caller set them."""
         if name == "reference" and not self.reference_is_copy:
             with self.peft.disable_adapter():
                 yield
             return
+        if name not in self.peft.peft_config:
+            raise KeyError(f"no adapter {name!r}; call ensure_adapter first")
         previous = self.peft.active_adapter
-        self.peft.set_adapter(name)
-        # set_adapter marks the active adapter trainable; training code chooses.
-        for p in self.adapter_parameters(name):
-            p.requires_grad_(False)
+        with self._keep_grad_flags():
+            self.peft.set_adapter(name)
         try:
             yield
         finally:
-            self.peft.set_adapter(previous)
-            for p in self.adapter_parameters(previous):
-                p.requires_grad_(False)
+            with self._keep_grad_flags():
+                self.peft.set_adapter(previous)
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states under the active adapter, in float32."""
@@ -328,8 +348,7 @@ class ModelStack:
         path = Path(path)
         if not (path / ADAPTER_FILE).exists():
             raise UserError(f"{path} holds no saved adapter: pick another version")
-        if name not in self.peft.peft_config:
-            self.peft.add_adapter(name, self.lora_config)
+        self.ensure_adapter(name)
         state = load_file(path / ADAPTER_FILE, device=str(self.device))
         result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
