@@ -18,6 +18,7 @@ cache), a local model directory, a GGUF file, or a hub id where a hub is reachab
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -204,19 +205,47 @@ def load_base(model_dir: str, *, quantize: bool | None, device: torch.device) ->
     want_4bit = bitsandbytes_works(device) if quantize is None else quantize
     if want_4bit and not bitsandbytes_works(device):
         raise UserError(f"4-bit quantization needs bitsandbytes on {device.type}: install it or pass --no-4bit")
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if want_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": str(device)}
+    if not want_4bit:
+        return _from_pretrained(model_dir, dtype=dtype).to(device), False
+    placement = {"": str(device)}
+    cached = _quantized_cache(model_dir, device, dtype)
+    if cached is not None and (cached / "config.json").exists():
+        # Quantizing takes seconds on a CPU; a saved NF4 copy loads in a fraction of one.
+        return _from_pretrained(str(cached), dtype=dtype, device_map=placement), True
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    model = _from_pretrained(model_dir, dtype=dtype, quantization_config=config, device_map=placement)
+    if cached is not None:
+        try:
+            tmp = cached.with_name(cached.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            shutil.rmtree(cached, ignore_errors=True)
+            tmp.rename(cached)
+        except (OSError, ValueError, NotImplementedError) as e:  # a cache, not a must
+            log.info("could not cache the 4-bit model: %s", e)
+    return model, True
+
+
+def _from_pretrained(model_dir: str, **kwargs: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except OSError as e:
         raise UserError(f"could not load model {model_dir}: {str(e).splitlines()[0]}") from e
-    if not want_4bit:
-        model.to(device)
     model.config.use_cache = True
-    return model, want_4bit
+    return model
+
+
+def _quantized_cache(model_dir: str, device: torch.device, dtype: torch.dtype) -> Path | None:
+    """Where a local model's NF4 copy for this device and dtype is kept (None for hub ids)."""
+    path = Path(model_dir)
+    weights = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not weights:
+        return None
+    stamp = "|".join(f"{w.resolve()}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
+    key = hashlib.sha1(stamp.encode()).hexdigest()[:12]
+    return cache_dir() / "quantized" / f"{path.name}-{key}-nf4-{device.type}-{str(dtype).replace('torch.', '')}"
 
 
 # --- the stack: one base, named adapters, two heads ------------------------------
@@ -285,10 +314,12 @@ class ModelStack:
         """peft's set_adapter/add_adapter mark the active adapter trainable; which
         parameters train is the trainer's choice, so we put the flags back."""
         flags = {n: p.requires_grad for n, p in self.peft.named_parameters() if "lora_" in n}
-        yield
-        for n, p in self.peft.named_parameters():
-            if n in flags:
-                p.requires_grad_(flags[n])
+        try:
+            yield
+        finally:
+            for n, p in self.peft.named_parameters():
+                if n in flags:
+                    p.requires_grad_(flags[n])
 
     @contextmanager
     def role(self, name: str) -> Iterator[None]:
@@ -296,7 +327,7 @@ class ModelStack:
         'reference' (a frozen copy if one was loaded, else the bare base).
         Trainable flags are left as the caller set them."""
         if name == "reference" and not self.reference_is_copy:
-            with self.peft.disable_adapter():
+            with self._keep_grad_flags(), self.peft.disable_adapter():
                 yield
             return
         if name not in self.peft.peft_config:
@@ -375,6 +406,30 @@ class ModelStack:
         self.load_adapter("reference", path, heads=False)
         self.reference_is_copy = True
         self.policy_version = version
+
+    def load_reference(self, path: str | Path | None) -> None:
+        """Set the KL reference apart from the policy: a saved policy adapter frozen
+        as 'reference', or the bare base (None). A resumed PPO session needs this:
+        its reference is the policy as it was when the session started, not the
+        checkpoint it resumes from."""
+        if path is None:
+            self.reference_is_copy = False
+            return
+        self.load_adapter("reference", path, heads=False)
+        self.reference_is_copy = True
+
+    @torch.no_grad()
+    def reset_policy(self) -> None:
+        """Back to version 0, the base model: LoRA B = 0 makes the adapter the
+        identity (as when it was created), the value head starts at zero again,
+        and the reference is the base with adapters disabled."""
+        for n, p in self.peft.named_parameters():
+            if ".policy." in n and ("lora_B" in n or "lora_embedding_B" in n):
+                p.zero_()
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.reference_is_copy = False
+        self.policy_version = 0
 
 
 def load_stack(options: ModelOptions | None = None, progress: Callable[[str], None] | None = None) -> ModelStack:

@@ -63,9 +63,12 @@ class Sample:
 
 
 def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of a user prompt in the model's chat format, ready for the reply."""
+    """Token ids of a prompt in the model's chat format, ready for the reply. An
+    imported HH-style transcript becomes its real turns, not one long user message."""
+    from rlhf.exchange import prompt_messages
+
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+        ids = tokenizer.apply_chat_template(prompt_messages(prompt),
                                             add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]

@@ -36,6 +36,10 @@ LABEL_KINDS = ("best", "ranking", "tie", "all_bad", "skip")
 # Statuses a background job moves through (see rlhf/jobs.py).
 JOB_STATUSES = ("queued", "running", "paused", "done", "failed", "cancelled")
 ACTIVE_JOB_STATUSES = ("queued", "running", "paused")
+# Source of pairs (and of prompts first seen in them) that `rlhf import` added:
+# 'import:<file name>'. A prompt the researcher added keeps its own source.
+IMPORT_SOURCE_PREFIX = "import:"
+_NOT_IMPORTED = f"(source IS NULL OR source NOT LIKE '{IMPORT_SOURCE_PREFIX}%')"
 
 
 def now() -> str:
@@ -296,9 +300,12 @@ class Store:
         with self._write() as db:
             db.execute("UPDATE prompts SET text = ?, edited_at = ? WHERE id = ?", [text, now(), prompt_id])
 
-    def prompts(self) -> list[Prompt]:
+    def prompts(self, *, include_imported: bool = False) -> list[Prompt]:
+        """The researcher's prompts in id order; with ``include_imported``, also those
+        that came only with imported pairs (training data, not a labeling queue)."""
+        where = "" if include_imported else f" WHERE {_NOT_IMPORTED}"
         return [Prompt(r["id"], r["text"], r["source"])
-                for r in self._rows("SELECT id, text, source FROM prompts ORDER BY id")]
+                for r in self._rows(f"SELECT id, text, source FROM prompts{where} ORDER BY id")]
 
     def prompt(self, prompt_id: int) -> Prompt:
         r = self._one("SELECT id, text, source FROM prompts WHERE id = ?", [prompt_id])
@@ -306,11 +313,13 @@ class Store:
             raise UserError(f"no prompt with id {prompt_id}")
         return Prompt(r["id"], r["text"], r["source"])
 
-    def unlabeled_prompt_ids(self) -> list[int]:
-        """Prompts with no preference label yet (skips count as labeled)."""
+    def unlabeled_prompt_ids(self, *, include_imported: bool = False) -> list[int]:
+        """Prompts with no preference label yet (skips count as labeled); see
+        ``prompts`` for ``include_imported``."""
+        extra = "" if include_imported else f" AND {_NOT_IMPORTED}"
         return [r["id"] for r in self._rows(
             "SELECT id FROM prompts WHERE id NOT IN "
-            "(SELECT prompt_id FROM comparisons WHERE purpose = 'preference') ORDER BY id")]
+            f"(SELECT prompt_id FROM comparisons WHERE purpose = 'preference'){extra} ORDER BY id")]
 
     # -- completions
 
@@ -407,22 +416,31 @@ class Store:
     def add_imported_pair(self, prompt: str, chosen: str, rejected: str, source: str, key: str) -> bool:
         """Store one imported pair (prompt, two completions, the pair) unless a pair
         with the same key is already there. Returns True when it was added."""
+        return self.add_imported_pairs([(prompt, chosen, rejected, key)], source) == 1
+
+    def add_imported_pairs(self, pairs: Iterable[tuple[str, str, str, str]], source: str) -> int:
+        """Store imported (prompt, chosen, rejected, key) pairs in one transaction
+        (one commit for a whole file, not one per pair), skipping keys already
+        there. Returns how many were added."""
+        added = 0
         with self._write() as db:
-            if db.execute("SELECT 1 FROM pairs WHERE import_key = ?", [key]).fetchone():
-                return False
-            db.execute("INSERT OR IGNORE INTO prompts (text, source, created_at) VALUES (?, ?, ?)",
-                       [prompt, source, now()])
-            prompt_id = db.execute("SELECT id FROM prompts WHERE text = ?", [prompt]).fetchone()[0]
-            ids = []
-            for text in (chosen, rejected):
-                cur = db.execute(
-                    "INSERT INTO completions (prompt_id, text, n_tokens, finish_reason, created_at) "
-                    "VALUES (?, ?, 0, 'imported', ?)", [prompt_id, text, now()])
-                ids.append(cur.lastrowid)
-            db.execute(
-                "INSERT INTO pairs (prompt_id, chosen_id, rejected_id, created_at, source, import_key) "
-                "VALUES (?, ?, ?, ?, ?, ?)", [prompt_id, ids[0], ids[1], now(), source, key])
-        return True
+            for prompt, chosen, rejected, key in pairs:
+                if db.execute("SELECT 1 FROM pairs WHERE import_key = ?", [key]).fetchone():
+                    continue
+                db.execute("INSERT OR IGNORE INTO prompts (text, source, created_at) VALUES (?, ?, ?)",
+                           [prompt, source, now()])
+                prompt_id = db.execute("SELECT id FROM prompts WHERE text = ?", [prompt]).fetchone()[0]
+                ids = []
+                for text in (chosen, rejected):
+                    cur = db.execute(
+                        "INSERT INTO completions (prompt_id, text, n_tokens, finish_reason, created_at) "
+                        "VALUES (?, ?, 0, 'imported', ?)", [prompt_id, text, now()])
+                    ids.append(cur.lastrowid)
+                db.execute(
+                    "INSERT INTO pairs (prompt_id, chosen_id, rejected_id, created_at, source, import_key) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", [prompt_id, ids[0], ids[1], now(), source, key])
+                added += 1
+        return added
 
     def pairs(self, *, since: str | None = None, policy_version: int | None = None,
               labeler: str | None = None, source: str | None = None,
@@ -526,7 +544,7 @@ class Store:
     def log_metrics(self, job_id: int, step: int, values: dict[str, float]) -> None:
         stamp = now()
         with self._write() as db:
-            db.executemany(
+            db.conn.executemany(
                 "INSERT INTO metrics (job_id, step, name, value, created_at) VALUES (?, ?, ?, ?, ?)",
                 [(job_id, step, name, float(v), stamp) for name, v in values.items()])
             db.execute("UPDATE jobs SET step = ?, heartbeat_at = ? WHERE id = ?", [step, stamp, job_id])
@@ -580,7 +598,8 @@ class Store:
         return {
             "database": str(self.path),
             "schema_version": self.schema_version,
-            "prompts": count("SELECT COUNT(*) AS n FROM prompts"),
+            "prompts": count(f"SELECT COUNT(*) AS n FROM prompts WHERE {_NOT_IMPORTED}"),
+            "prompts_imported": count(f"SELECT COUNT(*) AS n FROM prompts WHERE NOT {_NOT_IMPORTED}"),
             "prompts_labeled": count(
                 "SELECT COUNT(DISTINCT prompt_id) AS n FROM comparisons WHERE purpose = 'preference'"),
             "completions": count("SELECT COUNT(*) AS n FROM completions"),
