@@ -1,0 +1,65 @@
+"""`rlhf export` and `rlhf import`: preference pairs in TRL's format, Parquet,
+or a `datasets` folder, and back (plus HH-RLHF transcripts). See rlhf/exchange.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rlhf.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write preference pairs as TRL JSONL, Parquet or a datasets folder")
+    p.add_argument("out", type=Path, help="output file (.jsonl, .parquet) or folder (--format hf)")
+    p.add_argument("--format", dest="fmt", choices=("trl", "parquet", "hf"), default=None,
+                   help="trl = TRL preference JSONL, parquet, hf = datasets save_to_disk folder "
+                        "(default: from OUT's suffix: .jsonl -> trl, .parquet -> parquet, none -> hf)")
+    p.add_argument("--conversational", action="store_true",
+                   help="message lists ([{'role', 'content'}]) instead of plain text")
+    p.add_argument("--since", default=None, help="only pairs recorded since this date (YYYY-MM-DD[THH:MM], UTC)")
+    p.add_argument("--policy-version", type=int, default=None,
+                   help="only pairs whose two completions come from this policy version")
+    p.add_argument("--labeler", default=None, help="only this labeler's pairs")
+    p.add_argument("--source", default=None,
+                   help="'label' (your labels), 'import' (every imported file) or an exact source "
+                        "such as import:file.jsonl")
+    p.add_argument("--no-metadata", dest="metadata", action="store_false",
+                   help="only prompt/chosen/rejected, without comparison_id, policy_version, labeler, "
+                        "created_at and source columns")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="add preference pairs from a TRL / HH-RLHF JSONL, Parquet or datasets folder")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_import)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rlhf.cli import open_db
+    from rlhf.exchange import export_pairs, format_for
+
+    fmt = args.fmt or format_for(args.out)
+    if fmt is None:
+        raise UserError(f"cannot tell the format from {args.out.name}: pass --format trl, parquet or hf")
+    with open_db(args) as store:
+        n = export_pairs(store, args.out, fmt, conversational=args.conversational, since=args.since,
+                         policy_version=args.policy_version, labeler=args.labeler, source=args.source,
+                         metadata=args.metadata)
+    style = "conversational" if args.conversational else "standard"
+    print(f"wrote {n} pairs to {args.out} ({fmt}, {style})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from rlhf.cli import open_db, say
+    from rlhf.exchange import import_file
+
+    with open_db(args) as store:
+        report = import_file(store, args.file)
+    for error in report.errors:
+        say(f"skipped {error}")
+    print(f"imported {report.added} pairs from {args.file} as {report.source} "
+          f"({report.duplicates} already there, {len(report.errors)} bad rows skipped)")
+    # Exit 1 when the file held nothing usable: a script should notice.
+    return 1 if report.errors and not (report.added or report.duplicates) else 0

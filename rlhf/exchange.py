@@ -1,0 +1,431 @@
+"""Preference pairs in and out of the store, in the formats other tools read.
+
+Export writes TRL's preference format (one row per pair: ``prompt``, ``chosen``,
+``rejected``; standard text or conversational message lists, see TRL's
+"Dataset formats and types" guide) as JSONL, as Parquet, or as a ``datasets``
+dataset saved with ``save_to_disk``. Import reads all of those back, plus TRL's
+implicit-prompt rows and Anthropic HH-RLHF transcripts, detected row by row.
+
+How a prompt is kept: the store holds a prompt as text. A standard row keeps
+its text; a conversational prompt of one user message keeps that message's
+content; a longer conversation is written as an HH transcript
+(``\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nAssistant:``). HH transcripts are kept
+exactly as they are in the file (everything up to and including the last shared
+``\\n\\nAssistant:``), so a standard export gives back the same text; a
+conversational export turns such a transcript back into messages
+(``prompt_messages``). One asymmetry, by design: a one-turn HH prompt exported as
+messages re-imports as its plain question (one user message), not as a transcript.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import UserError
+from rlhf.store import IMPORT_SOURCE_PREFIX, Store
+
+FORMATS = ("trl", "parquet", "hf")
+# Extra columns each exported row carries unless metadata=False.
+METADATA_COLUMNS = ("comparison_id", "policy_version", "labeler", "created_at", "source")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+HUMAN = "\n\nHuman:"
+ASSISTANT = "\n\nAssistant:"
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference as text: ``chosen`` was preferred to ``rejected`` for ``prompt``."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+    @property
+    def key(self) -> str:
+        """Content hash: the same pair from any file is stored once."""
+        blob = json.dumps([self.prompt, self.chosen, self.rejected], ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class ImportReport:
+    """What ``import_file`` did: pairs added, pairs already there, one message per bad row."""
+
+    added: int = 0
+    duplicates: int = 0
+    errors: list[str] = field(default_factory=list)  # 'file:line: reason'
+    source: str = ""  # what the pairs are marked with: 'import:<file name>'
+
+
+# --- prompts as messages and back ----------------------------------------------------
+
+
+def render_transcript(messages: list[dict[str, str]]) -> str:
+    """User/assistant messages as an HH transcript that ends ready for the reply."""
+    turns = [f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content']}" for m in messages]
+    return "".join(turns) + ASSISTANT
+
+
+def transcript_messages(text: str) -> list[dict[str, str]] | None:
+    """The messages of an HH transcript prompt, or None when ``text`` is not one.
+
+    Only a transcript that ``render_transcript`` writes back character for
+    character counts, so turning it into messages and back never changes it."""
+    if not (text.startswith(HUMAN) and text.endswith(ASSISTANT)):
+        return None
+    parts = _TURN.split(text)  # ['', 'Human', ' q', 'Assistant', ' a', ..., 'Assistant', '']
+    messages = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+                for who, said in zip(parts[1::2], parts[2::2])]
+    messages.pop()  # the open assistant turn the reply goes into
+    if not messages or render_transcript(messages) != text:
+        return None
+    return messages
+
+
+def prompt_messages(text: str) -> list[dict[str, str]]:
+    """A stored prompt as chat messages: an HH transcript's turns, else one user message."""
+    return transcript_messages(text) or [{"role": "user", "content": text}]
+
+
+def _messages_prompt(messages: Any) -> tuple[str | None, str | None]:
+    """A conversational prompt as stored text, or an error."""
+    error = _check_messages(messages, "prompt")
+    if error:
+        return None, error
+    if any(m["role"] == "system" for m in messages):
+        return None, "system messages in the prompt are not supported (a prompt is stored as text): drop them"
+    if messages[-1]["role"] != "user":
+        return None, "the prompt's last message must be from the user"
+    if len(messages) == 1:
+        return messages[0]["content"], None
+    return render_transcript(messages), None
+
+
+def _reply_text(messages: Any, name: str) -> tuple[str | None, str | None]:
+    """The text of a one-message assistant reply, or an error."""
+    error = _check_messages(messages, name)
+    if error:
+        return None, error
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        roles = ", ".join(m["role"] for m in messages)
+        return None, f"{name} must be one assistant message, got [{roles}]"
+    return messages[0]["content"], None
+
+
+def _check_messages(messages: Any, name: str) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"{name} must be a non-empty list of messages"
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            return f"{name} holds a message that is not {{'role': user|assistant|system, 'content': text}}"
+    return None
+
+
+# --- reading rows ------------------------------------------------------------------
+
+
+def parse_row(row: Any) -> tuple[PreferencePair | None, str | None]:
+    """One row of a preference file as a pair, or the reason it is not one.
+
+    Detected per row: TRL standard (``prompt``, ``chosen``, ``rejected`` text),
+    TRL conversational (message lists), and implicit prompts (only ``chosen`` and
+    ``rejected``: HH-RLHF transcripts, or text / messages sharing a prefix)."""
+    if not isinstance(row, dict):
+        return None, "expected an object with 'chosen' and 'rejected'"
+    missing = [k for k in ("chosen", "rejected") if row.get(k) is None]
+    if missing:
+        return None, f"missing {' and '.join(repr(k) for k in missing)}"
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if prompt is None:
+        pair, error = _implicit_pair(chosen, rejected)
+    elif all(isinstance(v, str) for v in (prompt, chosen, rejected)):
+        pair, error = PreferencePair(prompt, chosen, rejected), None
+    elif all(isinstance(v, list) for v in (prompt, chosen, rejected)):
+        pair, error = _conversational_pair(prompt, chosen, rejected)
+    else:
+        return None, "prompt, chosen and rejected must all be text or all be message lists"
+    if pair is not None:
+        if not pair.prompt.strip():
+            return None, "the prompt is empty"
+        if pair.chosen == pair.rejected:
+            return None, "chosen and rejected are the same text"
+    return pair, error
+
+
+def _conversational_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[PreferencePair | None, str | None]:
+    text, error = _messages_prompt(prompt)
+    if error:
+        return None, error
+    chosen_text, error = _reply_text(chosen, "chosen")
+    if error:
+        return None, error
+    rejected_text, error = _reply_text(rejected, "rejected")
+    if error:
+        return None, error
+    assert text is not None and chosen_text is not None and rejected_text is not None
+    return PreferencePair(text, chosen_text, rejected_text), None
+
+
+def _implicit_pair(chosen: Any, rejected: Any) -> tuple[PreferencePair | None, str | None]:
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        # TRL's extract_prompt: the shared leading messages are the prompt.
+        error = _check_messages(chosen, "chosen") or _check_messages(rejected, "rejected")
+        if error:
+            return None, error
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            return None, "chosen and rejected share no leading messages to serve as the prompt"
+        return _conversational_pair(chosen[:n], chosen[n:], rejected[n:])
+    if not (isinstance(chosen, str) and isinstance(rejected, str)):
+        return None, "chosen and rejected must both be text or both be message lists"
+    shared = len(os.path.commonprefix([chosen, rejected]))
+    cut = chosen.rfind(ASSISTANT, 0, shared)
+    if cut >= 0:
+        # HH-RLHF: the prompt is the dialogue up to and including the last
+        # "\n\nAssistant:" both sides share (in a well-formed pair, the last of
+        # each), kept as is; the replies are the remainders, stripped of the
+        # space that follows the colon.
+        end = cut + len(ASSISTANT)
+        return PreferencePair(chosen[:end], chosen[end:].strip(), rejected[end:].strip()), None
+    # Other implicit-prompt text: TRL's extract_prompt (the common prefix, minus a
+    # trailing space, which stays with the completions).
+    if shared and chosen[shared - 1] == " ":
+        shared -= 1
+    if shared == 0:
+        return None, "chosen and rejected share no prompt (no 'prompt' field and no common beginning)"
+    return PreferencePair(chosen[:shared], chosen[shared:], rejected[shared:]), None
+
+
+def _rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(place, row) for every row of a JSONL (optionally .gz) file, a JSON list,
+    a Parquet file or a ``save_to_disk`` folder; place is 'file:line'."""
+    if path.is_dir():
+        yield from _dataset_rows(path)
+    elif path.suffix.lower() == ".parquet":
+        yield from _parquet_rows(path)
+    else:
+        yield from _json_rows(path)
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from e
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read {path} ({e}): check the file") from e
+    if text.lstrip().startswith("["):
+        # A whole-file JSON list (as `datasets` .to_json(lines=False) writes).
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            rows = None
+        if isinstance(rows, list):
+            for number, row in enumerate(rows, start=1):
+                yield f"{path.name}:item {number}", row
+            return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            row = _BadJson(f"not valid JSON ({e.msg} at column {e.colno})")
+        yield f"{path.name}:{number}", row
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"cannot read {path} as Parquet ({e}): check the file") from e
+    for number, row in enumerate(table.to_pylist(), start=1):
+        yield f"{path.name}:row {number}", row
+
+
+def _dataset_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UserError(f"{path} is a folder but not a dataset saved with save_to_disk ({e}): "
+                        "pass a .jsonl or .parquet file or such a folder") from e
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    for split, dataset in splits:
+        name = path.name if split is None else f"{path.name}[{split}]"
+        for number, row in enumerate(dataset, start=1):
+            yield f"{name}:row {number}", row
+
+
+@dataclass(frozen=True)
+class _BadJson:
+    reason: str
+
+
+def read_preference_file(path: str | Path) -> tuple[list[PreferencePair], list[str]]:
+    """Parse a preference file without touching the store: the good pairs, in
+    file order, and a 'file:line: reason' message for each bad row.
+
+    Raises UserError when the file is missing or cannot be read at all."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist: pass a .jsonl, .parquet or save_to_disk dataset folder "
+                        "with 'chosen' and 'rejected' (and 'prompt') columns")
+    pairs: list[PreferencePair] = []
+    errors: list[str] = []
+    for place, row in _rows(path):
+        if isinstance(row, _BadJson):
+            pair, error = None, row.reason
+        else:
+            pair, error = parse_row(row)
+        if pair is None:
+            errors.append(f"{place}: {error}")
+        else:
+            pairs.append(pair)
+    return pairs, errors
+
+
+def import_file(store: Store, path: str | Path) -> ImportReport:
+    """Add the pairs of a preference file to the store, marked with source
+    'import:<file name>'. Pairs already there (same prompt, chosen and rejected,
+    from any file) are counted as duplicates and not added again; bad rows are
+    reported and the good ones kept."""
+    path = Path(path)
+    pairs, errors = read_preference_file(path)
+    source = f"{IMPORT_SOURCE_PREFIX}{path.name}"
+    added = store.add_imported_pairs([(p.prompt, p.chosen, p.rejected, p.key) for p in pairs], source)
+    return ImportReport(added=added, duplicates=len(pairs) - added, errors=errors, source=source)
+
+
+# --- export --------------------------------------------------------------------------
+
+
+def format_for(out: Path) -> str | None:
+    """The export format an output name implies, if any."""
+    suffix = out.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "trl"
+    if suffix == ".parquet":
+        return "parquet"
+    if not suffix:
+        return "hf"
+    return None
+
+
+def since_stamp(since: str | date | datetime | None) -> str | None:
+    """A date or time (ISO 8601; naive means UTC) as the store's timestamp form,
+    so that it compares as text with ``created_at``."""
+    if since is None:
+        return None
+    if isinstance(since, str):
+        try:
+            since = datetime.fromisoformat(since.strip())
+        except ValueError as e:
+            raise UserError(f"--since {since!r} is not a date: use YYYY-MM-DD or YYYY-MM-DDTHH:MM") from e
+    if not isinstance(since, datetime):
+        since = datetime(since.year, since.month, since.day)
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=timezone.utc)
+    return since.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def pair_rows(pairs: list[dict[str, Any]], *, conversational: bool = False,
+              metadata: bool = True) -> list[dict[str, Any]]:
+    """Store pairs as TRL preference rows (plus metadata columns)."""
+    rows = []
+    for p in pairs:
+        if conversational:
+            row: dict[str, Any] = {
+                "prompt": prompt_messages(p["prompt"]),
+                "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                "rejected": [{"role": "assistant", "content": p["rejected"]}],
+            }
+        else:
+            row = {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
+        if metadata:
+            row.update({k: p[k] for k in METADATA_COLUMNS})
+        rows.append(row)
+    return rows
+
+
+def export_pairs(store: Store, out: str | Path, fmt: str, *, conversational: bool = False,
+                 since: str | date | datetime | None = None, policy_version: int | None = None,
+                 labeler: str | None = None, source: str | None = None, metadata: bool = True) -> int:
+    """Write the selected pairs to ``out`` in ``fmt`` ('trl' JSONL, 'parquet', or
+    'hf' = a ``datasets`` folder). Returns the number of rows written.
+
+    Filters are ANDed: pairs created since a date, whose two completions both
+    come from ``policy_version``, labeled by ``labeler``, from ``source``
+    ('label', 'import', or an exact source such as 'import:file.jsonl')."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if not out.parent.exists():
+        raise UserError(f"folder {out.parent} does not exist: create it or choose another output path")
+    pairs = store.pairs(since=since_stamp(since), policy_version=policy_version, labeler=labeler, source=source)
+    if not pairs:
+        filters = {"since": since, "policy version": policy_version, "labeler": labeler, "source": source}
+        shown = ", ".join(f"{k} {v}" for k, v in filters.items() if v is not None) or "no filters"
+        raise UserError(f"no pairs match ({shown}) in {store.path}: label some first or loosen the filters")
+    rows = pair_rows(pairs, conversational=conversational, metadata=metadata)
+    {"trl": _write_jsonl, "parquet": _write_parquet, "hf": _write_dataset}[fmt](rows, out)
+    return len(rows)
+
+
+def _write_jsonl(rows: list[dict[str, Any]], out: Path) -> None:
+    _refuse_folder(out)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out)  # a reader never sees half a file
+
+
+def _write_parquet(rows: list[dict[str, Any]], out: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _refuse_folder(out)
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    tmp.replace(out)
+
+
+def _write_dataset(rows: list[dict[str, Any]], out: Path) -> None:
+    import datasets
+
+    if out.exists() and not (out / "state.json").exists() and (out.is_file() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not a saved dataset: choose a new folder for --format hf")
+    # No tqdm bar on stderr: it would draw over the app's screen.
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        datasets.Dataset.from_list(rows).save_to_disk(str(out))
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _refuse_folder(out: Path) -> None:
+    if out.is_dir():
+        raise UserError(f"{out} is a folder: pass a file name (or use --format hf for a dataset folder)")
