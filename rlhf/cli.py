@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -207,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.db is None:
         args.db = default_db_path()
+    # Before torch loads: its OpenMP threads otherwise busy-wait, several times
+    # slower when a background job shares the cores (measured in the workbench).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return args.func(args)
     except UserError as e:

@@ -90,8 +90,10 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def generate(stack: ModelStack, prompt_rows: Sequence[Sequence[int]], params: SamplingParams,
-             role: str = "policy") -> list[Sample]:
-    """Sample one completion per row of prompt ids, batched."""
+             role: str = "policy", should_stop: Callable[[], bool] | None = None) -> list[Sample]:
+    """Sample one completion per row of prompt ids, batched. ``should_stop`` is
+    asked after every token; when it says True, generation ends early (the app
+    quitting mid-sample) and the samples are cut short: discard them."""
     tok = stack.tokenizer
     eos, pad = tok.eos_token_id, tok.pad_token_id
     samples: list[Sample] = []
@@ -105,6 +107,7 @@ def generate(stack: ModelStack, prompt_rows: Sequence[Sequence[int]], params: Sa
                 temperature=params.temperature, top_p=params.top_p, top_k=0,
                 max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
                 output_logits=True, return_dict_in_generate=True,
+                stopping_criteria=_stop_when(should_stop),
             )
         new = out.sequences[:, ids.shape[1]:]
         # Raw logits / temperature: the distribution the token was drawn from
@@ -129,7 +132,7 @@ def generate(stack: ModelStack, prompt_rows: Sequence[Sequence[int]], params: Sa
 
 
 def sample_k(stack: ModelStack, prompts: Sequence[str], k: int, params: SamplingParams | None = None,
-             role: str = "policy") -> list[list[Sample]]:
+             role: str = "policy", should_stop: Callable[[], bool] | None = None) -> list[list[Sample]]:
     """K completions for each prompt, all in batched ``generate`` calls.
     Returns one list of K samples per prompt, in prompt order."""
     params = params or SamplingParams()
@@ -138,8 +141,22 @@ def sample_k(stack: ModelStack, prompts: Sequence[str], k: int, params: Sampling
     if params.seed is not None:
         torch.manual_seed(params.seed)
     rows = [chat_prompt_ids(stack.tokenizer, p) for p in prompts]
-    flat = generate(stack, [r for r in rows for _ in range(k)], params, role=role)
+    flat = generate(stack, [r for r in rows for _ in range(k)], params, role=role, should_stop=should_stop)
     return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def _stop_when(should_stop: Callable[[], bool] | None) -> Any:
+    """A transformers StoppingCriteriaList that ends every row once ``should_stop()``."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    if should_stop is None:
+        return None
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Stop()])
 
 
 Sampler = Callable[[Sequence[str], int], list[list[Sample]]]

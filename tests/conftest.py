@@ -14,6 +14,9 @@ import pytest
 
 os.environ.setdefault("RLHF_CACHE_DIR", str(Path(tempfile.gettempdir()) / "rlhf-workbench-test-cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch's OpenMP threads busy-wait by default; with jobs and tests sharing two
+# cores that makes everything several times slower (measured in the app).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from rlhf.store import Store  # noqa: E402
 

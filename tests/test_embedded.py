@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rlhf.models import ModelOptions, load_stack, resolve_model_dir
@@ -18,3 +20,17 @@ def test_embedded_model_loads_in_4bit_and_answers():
                      SamplingParams(max_new_tokens=48, seed=0))
     assert any("Paris" in s.text for s in row), [s.text for s in row]
     assert any(s.finish_reason == "eos" for s in row)
+
+
+def test_a_gguf_file_is_converted_once_and_reused(tmp_path, monkeypatch):
+    """--model path/to/file.gguf: converted into the cache on first use, then read from there."""
+    from rlhf.models import embedded_gguf_path
+
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = embedded_gguf_path()
+    first = resolve_model_dir(str(gguf))
+    assert (tmp_path / "cache") in Path(first).parents
+    marker = Path(first) / "model.safetensors"
+    stamp = marker.stat().st_mtime_ns
+    assert resolve_model_dir(str(gguf)) == first
+    assert marker.stat().st_mtime_ns == stamp  # not converted again

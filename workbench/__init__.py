@@ -1,0 +1,1 @@
+"""The Textual workbench: screens and widgets on top of the rlhf engine."""

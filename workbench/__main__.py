@@ -1,0 +1,100 @@
+"""``workbench``: open the labeling workbench on a database.
+
+    workbench [--db PATH] [--model embedded|DIR|FILE.gguf|HUB_ID] [--no-4bit] [--device D]
+              [--k 4] [--labeler NAME]
+
+Problems the user can fix (a missing model path, a database that is not ours or
+is newer than this program, a second workbench on the same database) are one
+line on stderr and exit status 2, before the screen starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlhf.errors import UserError
+from rlhf.locations import DEFAULT_DB_NAME, default_db_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rlhf.cli import add_model_options
+    from workbench.app import default_labeler
+
+    parser = argparse.ArgumentParser(
+        prog="workbench", description="RLHF workbench: label completions, train, watch the policy drift.")
+    parser.add_argument(
+        "--db", type=Path, default=None,
+        help=f"database file (default: ./{DEFAULT_DB_NAME} when it exists, else {DEFAULT_DB_NAME} in the "
+             "user's data directory); created, with the sample prompts, when missing")
+    add_model_options(parser)
+    parser.add_argument("--k", type=_k, default=4, help="completions shown per prompt, 2 to 6 (default 4)")
+    parser.add_argument("--labeler", default=default_labeler(),
+                        help="name recorded with every label (default: your user name)")
+    return parser
+
+
+def _k(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 2 <= k <= 6:
+        raise argparse.ArgumentTypeError(f"{k} is out of range: show 2 to 6 completions per prompt")
+    return k
+
+
+def check_model_source(source: str) -> None:
+    """Refuse a model argument that cannot work, without loading anything.
+
+    rlhf.models.resolve_model_dir only checks paths for a model directory or a
+    hub id, but converts GGUF files (tens of seconds): those are checked here and
+    converted later, in the app, with progress on screen."""
+    from rlhf import models
+    from rlhf.locations import cache_dir
+
+    if source == models.EMBEDDED:
+        if not (cache_dir() / "models" / models.EMBEDDED_NAME / "model.safetensors").exists():
+            models.embedded_gguf_path()  # raises when the package is missing
+        return
+    if Path(source).expanduser().suffix == ".gguf" and Path(source).expanduser().is_file():
+        return
+    models.resolve_model_dir(source)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning.
+    # The app's sampling shares the cores with the UI and often with a training
+    # job; with spinning threads a batched generate ran 3x slower beside one
+    # busy process on two cores (and the tiny test model 70x slower).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    db_path = args.db if args.db is not None else default_db_path()
+    try:
+        return run(args, db_path)
+    except UserError as e:
+        print(f"workbench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, db_path: Path) -> int:
+    from rlhf.cli import model_options
+    from rlhf.locking import AppLock
+    from rlhf.models import pick_device
+    from rlhf.store import Store
+    from workbench.app import WorkbenchApp, quiet_libraries
+
+    check_model_source(args.model)
+    pick_device(args.device)  # --device cuda without a GPU: one line now, not an error on screen later
+    with Store(db_path) as store, AppLock(db_path):
+        quiet_libraries()
+        app = WorkbenchApp(store, k=args.k, labeler=args.labeler, model=model_options(args))
+        app.run()
+    return app.return_code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,537 @@
+"""The labeling workbench driven through Textual's pilot.
+
+A fake sampler (instant, or slow) stands in for the model in most tests, so each
+runs in about a second; one test loads the tiny random model for real.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from rlhf.locking import AppLock
+from rlhf.prompts import bundled_prompt_file, read_prompt_file
+from rlhf.sampling import Sample, SamplingParams
+from rlhf.store import Store
+from workbench.__main__ import main
+from workbench.app import WorkbenchApp
+from workbench.screens.help import HelpScreen
+from workbench.screens.label import LabelScreen
+from workbench.widgets.completion_card import CompletionCard
+
+PROMPTS = ["First prompt?", "Second prompt?", "Third prompt?", "Fourth prompt?"]
+
+
+class FakeSampler:
+    """Numbered completions; optionally slow; counts its calls."""
+
+    def __init__(self, delay: float = 0.0, cut_every: int = 0) -> None:
+        self.delay = delay
+        self.cut_every = cut_every
+        self.calls: list[str] = []
+        self._n = itertools.count(1)
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, prompts: list[str], k: int) -> list[list[Sample]]:
+        self.release.wait(10)
+        time.sleep(self.delay)
+        out = []
+        for p in prompts:
+            self.calls.append(p)
+            row = []
+            for _ in range(k):
+                n = next(self._n)
+                cut = bool(self.cut_every) and n % self.cut_every == 0
+                row.append(Sample(text=f"answer {n} to {p}", token_ids=[5] * (n % 7 + 1) + ([] if cut else [2]),
+                                  logprobs=[-1.0] * (n % 7 + 1 + (0 if cut else 1)),
+                                  finish_reason="length" if cut else "eos"))
+            out.append(row)
+        return out
+
+
+def make_app(store: Store, sampler: Callable | None = None, k: int = 4, **kw) -> WorkbenchApp:
+    if not store.prompts():
+        store.add_prompts(PROMPTS)
+    return WorkbenchApp(store, k=k, labeler="tester", sampler=sampler or FakeSampler(),
+                        rng=random.Random(0), **kw)
+
+
+async def wait_for(pilot, condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await pilot.pause(0.02)
+
+
+def label_screen(app: WorkbenchApp) -> LabelScreen:
+    return next(s for s in app.screen_stack if isinstance(s, LabelScreen))
+
+
+async def shown(pilot, app: WorkbenchApp) -> LabelScreen:
+    screen = label_screen(app)
+    await wait_for(pilot, lambda: len(screen.shown) == app.k)
+    return screen
+
+
+# --- start-up ------------------------------------------------------------------------
+
+
+async def test_first_run_loads_sample_prompts(store):
+    app = WorkbenchApp(store, k=4, sampler=FakeSampler(), rng=random.Random(0))
+    expected = read_prompt_file(bundled_prompt_file()).prompts
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        assert [p.text for p in store.prompts()] == expected
+        assert len(expected) >= 50
+        # The first prompt is on screen, and the list shows them all.
+        assert str(screen.query_one("#prompt").render()) .strip().startswith(expected[0][:20])
+        assert screen.query_one("#prompt-list").option_count == len(expected)
+
+
+async def test_second_open_does_not_reload_samples(store):
+    store.add_prompts(["mine"])
+    app = WorkbenchApp(store, k=2, sampler=FakeSampler())
+    async with app.run_test() as pilot:
+        await shown(pilot, app)
+    assert [p.text for p in store.prompts()] == ["mine"]
+
+
+# --- labels ------------------------------------------------------------------------------
+
+
+async def test_pick_records_what_was_shown_and_k_minus_1_pairs(store):
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        shown_ids = [c.id for c in screen.shown]
+        first_prompt = screen.shown_prompt_id
+        await pilot.pause(0.1)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: screen.shown_prompt_id not in (None, first_prompt))
+    [cmp] = store.comparisons()
+    assert cmp["prompt_id"] == first_prompt
+    assert cmp["completion_ids"] == shown_ids     # exactly the order shown
+    assert cmp["kind"] == "best" and cmp["choice"] == [1]
+    assert cmp["labeler"] == "tester" and cmp["seconds"] >= 0.1
+    pairs = store.pairs()
+    assert len(pairs) == 3
+    assert {p["chosen_id"] for p in pairs} == {shown_ids[1]}
+    assert {p["rejected_id"] for p in pairs} == set(shown_ids) - {shown_ids[1]}
+
+
+async def test_display_order_is_shuffled(store):
+    app = make_app(store, k=6)
+    orders = []
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        for _ in range(3):
+            await shown(pilot, app)
+            orders.append([c.id for c in screen.shown])
+            await pilot.press("s")
+            await wait_for(pilot, lambda: [c.id for c in screen.shown] != orders[-1])
+    # Sampling order is id order; at least one set was shown in another order.
+    assert any(order != sorted(order) for order in orders)
+
+
+async def test_ranking_records_all_pairs_in_order(store):
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        ids = [c.id for c in screen.shown]
+        await pilot.press("m", "3", "1")
+        assert screen.ranking == [2, 0]
+        assert not store.comparisons()          # nothing recorded half-way
+        await pilot.press("1")                  # already ranked: ignored
+        assert screen.ranking == [2, 0]
+        await pilot.press("4")                  # K-1 ranked: the last is implied
+        await wait_for(pilot, lambda: len(store.comparisons()) == 1)
+    [cmp] = store.comparisons()
+    assert cmp["kind"] == "ranking" and cmp["choice"] == [2, 0, 3, 1]
+    order = [ids[i] for i in (2, 0, 3, 1)]
+    got = {(p["chosen_id"], p["rejected_id"]) for p in store.pairs()}
+    assert got == {(order[i], order[j]) for i in range(4) for j in range(i + 1, 4)}   # C(4,2) = 6
+
+
+async def test_tie_all_bad_and_skip_keep_no_pairs(store):
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        for key in ("t", "b", "s"):
+            before = screen.shown_prompt_id
+            await pilot.press(key)
+            await wait_for(pilot, lambda before=before: screen.shown_prompt_id not in (None, before))
+    assert [c["kind"] for c in store.comparisons()] == ["tie", "all_bad", "skip"]
+    assert all(c["choice"] is None for c in store.comparisons())
+    assert store.pairs() == []
+    assert len(store.unlabeled_prompt_ids()) == 1
+
+
+async def test_undo_removes_exactly_the_last_label(store):
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        await pilot.press("1")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 1)
+        second = await shown(pilot, app)
+        second_prompt, second_order = second.shown_prompt_id, [c.id for c in second.shown]
+        await pilot.press("m", "2", "1", "3")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 2)
+        first_cmp, first_pairs = store.comparisons()[0], store.pairs(source="label")[:3]
+        await pilot.press("u")
+        await wait_for(pilot, lambda: screen.shown_prompt_id == second_prompt)
+        # Back on the undone prompt, with the same completions in the same order.
+        assert [c.id for c in screen.shown] == second_order
+        assert store.last_comparison()["id"] == first_cmp["id"]
+    assert store.comparisons() == [first_cmp]
+    assert store.pairs() == first_pairs
+    assert second_prompt in store.unlabeled_prompt_ids()
+
+
+async def test_resample_replaces_the_shown_completions(store):
+    sampler = FakeSampler()
+    app = make_app(store, sampler)
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        pid, before = screen.shown_prompt_id, {c.id for c in screen.shown}
+        await pilot.press("r")
+        await wait_for(pilot, lambda: len(screen.shown) == 4 and {c.id for c in screen.shown} != before)
+        after = {c.id for c in screen.shown}
+        assert screen.shown_prompt_id == pid
+        assert not after & before
+        assert len(store.completions_for_prompt(pid)) == 8   # the old ones stay on record
+        await pilot.press("1")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 1)
+    assert set(store.comparisons()[0]["completion_ids"]) == after
+
+
+async def test_click_picks_a_completion(store):
+    app = make_app(store)
+    async with app.run_test(size=(160, 45)) as pilot:
+        screen = await shown(pilot, app)
+        third = screen.shown[2].id
+        await pilot.click("#card-3")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 1)
+    assert store.comparisons()[0]["choice"] == [2]
+    assert {p["chosen_id"] for p in store.pairs()} == {third}
+
+
+async def test_command_palette_runs_actions(store):
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        await shown(pilot, app)
+        await pilot.press("ctrl+p")
+        await pilot.press(*"all bad")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 1)
+    assert store.comparisons()[0]["kind"] == "all_bad"
+
+
+# --- sampling ---------------------------------------------------------------------------
+
+
+async def test_ui_stays_responsive_while_a_slow_sampler_runs(store):
+    sampler = FakeSampler()
+    sampler.release.clear()            # the sampler blocks until released
+    app = make_app(store, sampler)
+    async with app.run_test() as pilot:
+        try:
+            screen = label_screen(app)
+            await wait_for(pilot, lambda: len(sampler.calls) == 0 and screen._sampling)
+            assert screen.query_one("#sample-activity").display   # progress is visible
+            # Every key below takes effect while the sampler is still blocked.
+            started = time.monotonic()
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            await pilot.press("escape")
+            assert app.screen is screen
+            first = screen.deck.current_id
+            await pilot.press("n")
+            assert screen.deck.current_id != first
+            assert "Second prompt?" in str(screen.query_one("#prompt").render())
+            await pilot.press("1")                              # nothing shown yet: no label
+            assert store.comparisons() == []
+            assert sampler.calls == []
+            assert time.monotonic() - started < 5               # generous: the CPU is shared
+        finally:
+            sampler.release.set()
+        await shown(pilot, app)
+
+
+async def test_prompts_skipped_past_are_not_sampled(store):
+    store.add_prompts([f"Prompt {i}?" for i in range(1, 9)])
+    sampler = FakeSampler()
+    sampler.release.clear()            # prompt 1 holds the model...
+    app = make_app(store, sampler)
+    async with app.run_test() as pilot:
+        screen = label_screen(app)
+        await wait_for(pilot, lambda: 1 in screen._sampling)
+        await pilot.press("n", "n", "n", "n")          # ...while the researcher moves on to prompt 5
+        assert screen.deck.current_id == 5
+        sampler.release.set()
+        await wait_for(pilot, lambda: screen.shown_prompt_id == 5)
+        await wait_for(pilot, lambda: len(sampler.calls) == 3)
+        await pilot.pause(0.2)
+    # Prompts 2-4 were passed by; 5 is shown and 6 sampled ahead.
+    assert sampler.calls == ["Prompt 1?", "Prompt 5?", "Prompt 6?"]
+
+
+async def test_next_prompt_is_sampled_ahead(store):
+    sampler = FakeSampler()
+    app = make_app(store, sampler)
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        await wait_for(pilot, lambda: len(sampler.calls) == 2)
+        assert sampler.calls == PROMPTS[:2]
+        await pilot.press("1")
+        # The second prompt's completions were ready: shown without waiting.
+        await pilot.pause(0.05)
+        assert screen.shown and screen.shown_prompt_id == store.prompts()[1].id
+
+
+async def test_reopening_reuses_unlabeled_completions(store):
+    async with make_app(store).run_test() as pilot:
+        await shown(pilot, pilot.app)
+    sampler = FakeSampler()
+    sampler.release.clear()            # a resample would block and the test would fail
+    app = make_app(store, sampler)
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        assert screen.shown_prompt_id == store.prompts()[0].id
+        sampler.release.set()
+    assert sampler.calls[:1] != ["First prompt?"]
+
+
+async def test_length_cut_completions_are_marked(store):
+    app = make_app(store, FakeSampler(cut_every=2))
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        cards = list(screen.query(CompletionCard))
+        cut = [card for card in cards if card.completion.finish_reason == "length"]
+        assert cut and all(card.has_class("-cut") for card in cut)
+        assert all("CUT" in str(card.border_subtitle) for card in cut)
+
+
+async def test_narrow_terminal_stacks_the_completions(store):
+    app = make_app(store)
+    async with app.run_test(size=(80, 40)) as pilot:
+        screen = await shown(pilot, app)
+        assert screen.has_class("narrow")
+        cards = list(screen.query(CompletionCard))
+        assert len({card.region.x for card in cards}) == 1       # one column
+    app = make_app(store)
+    async with app.run_test(size=(160, 40)) as pilot:
+        screen = await shown(pilot, app)
+        assert not screen.has_class("narrow")
+        cards = list(screen.query(CompletionCard))
+        assert len({card.region.y for card in cards}) == 1       # one row
+
+
+async def test_status_line_counts_labels_and_pairs(store):
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        await pilot.press("1")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 1)
+        text = str(screen.query_one("#status").render())
+        assert "labeled 1/4" in text and "remaining 3" in text and "pairs 3" in text and "v0" in text
+        screen.set_agreement("71% of 7")
+        screen.show_scores([0.5, -1.0, 0.0, 2.0])
+        await pilot.pause()
+        assert "71% of 7" in str(screen.query_one("#status").render())
+        assert "+0.50" in str(screen.query_one("#card-1").border_subtitle)
+
+
+async def test_policy_version_picker_samples_from_the_chosen_version(store, tmp_path):
+    store.add_prompts(PROMPTS)
+    store.add_checkpoint("policy", tmp_path / "v1")
+    app = make_app(store, policy_version=0)
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        assert {c.policy_version for c in screen.shown} == {0}
+        await pilot.press("v")
+        await pilot.pause(0.1)
+        await pilot.press("down", "enter")
+        await wait_for(pilot, lambda: app.policy_version == 1)
+        await wait_for(pilot, lambda: len(screen.shown) == 4 and {c.policy_version for c in screen.shown} == {1})
+        assert "v1" in str(screen.query_one("#status").render())
+
+
+async def test_add_and_edit_prompts(store):
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        await pilot.press("a")
+        await pilot.press(*"A brand new prompt")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: any(p.text == "A brand new prompt" for p in store.prompts()))
+        new_id = store.prompts()[-1].id
+        await wait_for(pilot, lambda: screen.shown_prompt_id == new_id)
+        await pilot.press("e")
+        await pilot.press("end", *" (edited)", "ctrl+s")
+        await wait_for(pilot, lambda: store.prompt(new_id).text == "A brand new prompt (edited)")
+        await wait_for(pilot, lambda: screen.shown_prompt_id == new_id
+                       and all("(edited)" in c.text for c in screen.shown))
+
+
+async def test_editing_a_prompt_while_it_is_sampled_shows_answers_to_the_new_text(store):
+    sampler = FakeSampler()
+    sampler.release.clear()
+    app = make_app(store, sampler)
+    async with app.run_test() as pilot:
+        screen = label_screen(app)
+        await wait_for(pilot, lambda: bool(screen._sampling))
+        await pilot.press("e", "end", *" Briefly.", "ctrl+s")
+        await wait_for(pilot, lambda: store.prompt(1).text == "First prompt? Briefly.")
+        sampler.release.set()
+        await wait_for(pilot, lambda: len(screen.shown) == 4)
+        assert all(c.text.endswith("to First prompt? Briefly.") for c in screen.shown)
+        await pilot.press("1")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 1)
+    shown_ids = store.comparisons()[0]["completion_ids"]
+    assert all("Briefly" in c.text for c in store.completions(shown_ids))
+
+
+async def test_export_from_the_app(store, tmp_path):
+    out = tmp_path / "prefs.jsonl"
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        await shown(pilot, app)
+        await pilot.press("1")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 1)
+        await pilot.press("x")
+        await pilot.pause(0.1)
+        path_input = app.screen.query_one("#export-path")
+        path_input.value = str(out)
+        path_input.focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: out.exists())
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and {"prompt", "chosen", "rejected"} <= set(rows[0])
+
+
+# --- the real model ------------------------------------------------------------------
+
+
+async def test_tiny_model_loads_in_a_worker_and_samples(store, tiny_dir):
+    from rlhf.models import ModelOptions
+
+    store.add_prompts(["Say hi.", "Count to three.", "Name a colour."])
+    # The first prompt was sampled in an earlier session: it shows before the model is loaded.
+    stored = [Sample(text=f"hi {i}", token_ids=[7, 2], logprobs=[-1.0, -1.0], finish_reason="eos")
+              for i in range(2)]
+    store.add_completions(1, [s.as_row(SamplingParams(), 0) for s in stored])
+
+    app = WorkbenchApp(store, k=2, labeler="tester", sampling_params=SamplingParams(max_new_tokens=8),
+                       model=ModelOptions(source=tiny_dir, quantize=False, device="cpu"))
+    async with app.run_test() as pilot:
+        screen = label_screen(app)
+        await pilot.pause()
+        assert app.model_state in ("loading", "ready")
+        assert {c.text for c in screen.shown} == {"hi 0", "hi 1"}
+        await pilot.press("1")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 1)
+        await wait_for(pilot, lambda: app.model_state == "ready", timeout=60)
+        # The second prompt is sampled by the model, and the third ahead of it.
+        await wait_for(pilot, lambda: len(screen.shown) == 2 and screen.shown_prompt_id == 2, timeout=60)
+        await wait_for(pilot, lambda: len(store.completions_for_prompt(3)) == 2, timeout=60)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 2)
+    completions = store.completions(store.comparisons()[1]["completion_ids"])
+    assert all(c.policy_version == 0 and c.finish_reason in ("eos", "length") and c.logprobs for c in completions)
+    assert len(store.pairs()) == 2
+
+
+async def test_policy_versions_load_on_the_model_and_back_to_base(store, tiny_stack, tmp_path):
+    import torch
+
+    with torch.no_grad():
+        for name, p in tiny_stack.peft.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                p.fill_(0.01)                     # a "trained" policy
+    tiny_stack.save_adapter("policy", tmp_path / "policy-v1")
+    store.add_checkpoint("policy", tmp_path / "policy-v1")
+    tiny_stack.reset_policy()
+
+    def lora_b_sum() -> float:
+        return sum(p.abs().sum().item() for n, p in tiny_stack.peft.named_parameters()
+                   if ".policy." in n and "lora_B" in n)
+
+    assert lora_b_sum() == 0
+    store.add_prompts(["Say hi.", "Count to three."])
+    app = WorkbenchApp(store, k=2, labeler="tester", stack=tiny_stack, policy_version=0,
+                       sampling_params=SamplingParams(max_new_tokens=4))
+    async with app.run_test() as pilot:
+        screen = label_screen(app)
+        await wait_for(pilot, lambda: len(screen.shown) == 2, timeout=60)
+        await pilot.press("v")
+        await pilot.pause(0.1)
+        await pilot.press("down", "enter")
+        await wait_for(pilot, lambda: app.policy_version == 1, timeout=60)
+        assert tiny_stack.policy_version == 1 and tiny_stack.reference_is_copy and lora_b_sum() > 0
+        await wait_for(pilot, lambda: len(screen.shown) == 2 and {c.policy_version for c in screen.shown} == {1},
+                       timeout=60)
+        await pilot.press("v")
+        await pilot.pause(0.1)
+        await pilot.press("up", "enter")
+        await wait_for(pilot, lambda: app.policy_version == 0, timeout=60)
+        assert tiny_stack.policy_version == 0 and not tiny_stack.reference_is_copy and lora_b_sum() == 0
+
+
+# --- the command line ------------------------------------------------------------------
+
+
+def test_second_instance_is_refused(db_path, capsys):
+    Store(db_path).close()
+    with AppLock(db_path):
+        with pytest.raises(Exception, match="another workbench"):
+            AppLock(db_path).acquire()
+        assert main(["--db", str(db_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another workbench" in err and "already has" in err
+    with AppLock(db_path):      # released: can be taken again
+        pass
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "does not exist"),
+    (["--model", "/no/such/file.gguf"], "does not exist"),
+])
+def test_bad_model_is_one_line_before_the_screen(db_path, capsys, args, message):
+    assert main(["--db", str(db_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not db_path.exists()          # refused before anything was created
+
+
+def test_k_out_of_range_is_refused(db_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--db", str(db_path), "--k", "9"])
+    assert exit_info.value.code == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_newer_database_is_refused(db_path, capsys):
+    import sqlite3
+
+    conn = sqlite3.connect(db_path)
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    assert main(["--db", str(db_path)]) == 2
+    err = capsys.readouterr().err
+    assert "newer version" in err and err.count("\n") == 1
+
+
+def test_lock_file_sits_beside_the_database(db_path):
+    with AppLock(db_path) as lock:
+        assert lock.path == Path(str(db_path) + ".lock")
+        assert lock.held

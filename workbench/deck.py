@@ -1,0 +1,136 @@
+"""The labeling deck: which prompt is on screen, which comes next, and the
+completions each prompt shows, in the order shown.
+
+No widgets here (the label screen draws what the deck holds), so the rules can
+be read, and tested, on their own:
+
+- Prompts come in id order; the deck opens on the first unlabeled one, and a
+  label moves on to the next unlabeled prompt (wrapping round).
+- A prompt shows K completions of the current policy version. The latest K in
+  the store are reused (a reopened workbench does not resample what it already
+  sampled); otherwise the screen asks for new ones.
+- The display order is shuffled once per set, so that the position of a
+  completion says nothing about when it was sampled: labelers favour the first
+  (or last) option they read, and a fixed order would bias the labels.
+"""
+
+from __future__ import annotations
+
+import random
+
+from rlhf.store import Completion, Prompt, Store
+
+
+class Deck:
+    def __init__(self, store: Store, k: int, rng: random.Random | None = None) -> None:
+        self.store = store
+        self.k = k
+        self.rng = rng or random.Random()
+        self.prompt_ids: list[int] = []
+        self._unlabeled: set[int] = set()
+        self._sets: dict[int, list[Completion]] = {}  # prompt id -> completions in display order
+        self.current_id: int | None = None
+        self.reload()
+        unlabeled = [pid for pid in self.prompt_ids if pid in self._unlabeled]
+        self.current_id = unlabeled[0] if unlabeled else (self.prompt_ids[0] if self.prompt_ids else None)
+
+    # -- prompts and progress
+
+    def reload(self) -> None:
+        """Read the prompt list and which prompts are labeled from the store."""
+        self.prompt_ids = [p.id for p in self.store.prompts()]
+        self._unlabeled = set(self.store.unlabeled_prompt_ids())
+        if self.current_id not in self.prompt_ids:
+            self.current_id = self.prompt_ids[0] if self.prompt_ids else None
+
+    def prompt(self, prompt_id: int) -> Prompt:
+        return self.store.prompt(prompt_id)
+
+    def is_labeled(self, prompt_id: int) -> bool:
+        return prompt_id not in self._unlabeled
+
+    def mark_labeled(self, prompt_id: int, labeled: bool = True) -> None:
+        if labeled:
+            self._unlabeled.discard(prompt_id)
+        else:
+            self._unlabeled.add(prompt_id)
+
+    @property
+    def labeled_count(self) -> int:
+        return len(self.prompt_ids) - len(self._unlabeled)
+
+    @property
+    def remaining_count(self) -> int:
+        return len(self._unlabeled)
+
+    @property
+    def position(self) -> int:
+        """0-based index of the current prompt in the list (-1 when there is none)."""
+        return self.prompt_ids.index(self.current_id) if self.current_id in self.prompt_ids else -1
+
+    # -- moving
+
+    def go(self, prompt_id: int) -> None:
+        if prompt_id not in self.prompt_ids:
+            raise KeyError(prompt_id)
+        self.current_id = prompt_id
+
+    def step(self, delta: int) -> bool:
+        """Move to the next (+1) or previous (-1) prompt; False at either end."""
+        i = self.position + delta
+        if not 0 <= i < len(self.prompt_ids):
+            return False
+        self.current_id = self.prompt_ids[i]
+        return True
+
+    def next_unlabeled(self) -> int | None:
+        """The first unlabeled prompt after the current one, wrapping round; None
+        when every other prompt is labeled."""
+        n = len(self.prompt_ids)
+        start = self.position
+        for offset in range(1, n + 1):
+            pid = self.prompt_ids[(start + offset) % n]
+            if pid in self._unlabeled and pid != self.current_id:
+                return pid
+        return None
+
+    # -- completion sets
+
+    def display_set(self, prompt_id: int, policy_version: int) -> list[Completion] | None:
+        """The K completions to show for a prompt, in display order; None when the
+        store has fewer than K of this policy version (sample first)."""
+        if prompt_id in self._sets:
+            return self._sets[prompt_id]
+        stored = self.store.completions_for_prompt(prompt_id, policy_version)
+        if len(stored) < self.k:
+            return None
+        return self._shuffled(prompt_id, stored[-self.k:])
+
+    def set_sampled(self, prompt_id: int, completion_ids: list[int], policy_version: int) -> list[Completion] | None:
+        """New completions of a prompt, shuffled for display; None when they come
+        from another policy version (sampled just before a version switch)."""
+        completions = self.store.completions(completion_ids)
+        if any(c.policy_version != policy_version for c in completions):
+            return None
+        return self._shuffled(prompt_id, completions)
+
+    def set_exact(self, prompt_id: int, completion_ids: list[int]) -> list[Completion]:
+        """Completions in exactly this order (what a label recorded as shown)."""
+        self._sets[prompt_id] = self.store.completions(completion_ids)
+        return self._sets[prompt_id]
+
+    def has_set(self, prompt_id: int) -> bool:
+        return prompt_id in self._sets
+
+    def forget(self, prompt_id: int | None = None) -> None:
+        """Drop the set of one prompt (resample), or of every prompt (new policy version)."""
+        if prompt_id is None:
+            self._sets.clear()
+        else:
+            self._sets.pop(prompt_id, None)
+
+    def _shuffled(self, prompt_id: int, completions: list[Completion]) -> list[Completion]:
+        order = list(completions)
+        self.rng.shuffle(order)
+        self._sets[prompt_id] = order
+        return order

@@ -1,0 +1,150 @@
+"""Small modal dialogs of the labeling screen: a prompt editor, the export
+form and the policy-version picker. Each returns its answer through ``dismiss``
+(None when cancelled)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, TextArea
+from textual.widgets.option_list import Option
+
+
+class PromptEditor(ModalScreen[str | None]):
+    """Add or edit one prompt. ctrl+s saves, escape cancels."""
+
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save"),
+        Binding("escape", "cancel", "Cancel"),
+    ]
+
+    def __init__(self, title: str, text: str = "") -> None:
+        super().__init__()
+        self.title_text = title
+        self.initial = text
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="prompt-editor"):
+            yield Label(self.title_text, classes="dialog-title")
+            yield TextArea(self.initial, id="prompt-text", soft_wrap=True)
+            yield Label("", id="prompt-error", classes="dialog-error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Save (ctrl+s)", variant="primary", id="save")
+                yield Button("Cancel (esc)", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one(TextArea).focus()
+
+    def action_save(self) -> None:
+        text = self.query_one(TextArea).text.strip()
+        if not text:
+            self.query_one("#prompt-error", Label).update("a prompt cannot be empty")
+            return
+        self.dismiss(text)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.action_save() if event.button.id == "save" else self.action_cancel()
+
+
+@dataclass
+class ExportRequest:
+    fmt: str
+    path: Path
+    conversational: bool
+
+
+EXPORT_FORMATS = [
+    ("TRL preference JSONL (prompt, chosen, rejected)", "trl"),
+    ("Parquet", "parquet"),
+    ("datasets folder (save_to_disk)", "hf"),
+]
+DEFAULT_NAMES = {"trl": "preferences.jsonl", "parquet": "preferences.parquet", "hf": "preferences-dataset"}
+
+
+class ExportDialog(ModalScreen[ExportRequest | None]):
+    """Format, output path and the conversational switch of an export."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="export-dialog"):
+            yield Label("Export recorded pairs", classes="dialog-title")
+            yield Select(EXPORT_FORMATS, value="trl", allow_blank=False, id="export-format")
+            yield Input(str(self.folder / DEFAULT_NAMES["trl"]), id="export-path")
+            yield Checkbox("conversational (message lists instead of plain text)", id="export-conversational")
+            yield Label("", id="export-error", classes="dialog-error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Export", variant="primary", id="export")
+                yield Button("Cancel (esc)", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#export-path", Input).focus()  # enter exports at once
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        # Follow the format with the default name, unless the user typed their own.
+        path_input = self.query_one("#export-path", Input)
+        current = Path(path_input.value)
+        if current.name in DEFAULT_NAMES.values():
+            path_input.value = str(current.with_name(DEFAULT_NAMES[str(event.value)]))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self._submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self._submit() if event.button.id == "export" else self.action_cancel()
+
+    def _submit(self) -> None:
+        raw = self.query_one("#export-path", Input).value.strip()
+        if not raw:
+            self.query_one("#export-error", Label).update("give an output path")
+            return
+        self.dismiss(ExportRequest(
+            fmt=str(self.query_one("#export-format", Select).value),
+            path=Path(raw).expanduser(),
+            conversational=self.query_one("#export-conversational", Checkbox).value,
+        ))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class VersionPicker(ModalScreen[int | None]):
+    """Choose the policy version to sample from: 0 is the base model."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, versions: list[tuple[int, str]], current: int) -> None:
+        super().__init__()
+        self.versions = versions
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="version-picker"):
+            yield Label("Sample from policy version", classes="dialog-title")
+            yield OptionList(*[Option(f"{'● ' if v == self.current else '  '}v{v}  {about}", id=str(v))
+                               for v, about in self.versions], id="versions")
+            yield Label("enter: choose · escape: cancel", classes="dialog-hint")
+
+    def on_mount(self) -> None:
+        options = self.query_one(OptionList)
+        options.highlighted = next((i for i, (v, _) in enumerate(self.versions) if v == self.current), 0)
+        options.focus()
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        assert event.option.id is not None
+        self.dismiss(int(event.option.id))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

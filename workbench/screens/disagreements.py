@@ -1,0 +1,124 @@
+"""Disagreements: the labeled comparisons the reward model gets wrong, worst first.
+
+"Worst" is the most confident mistake: the lowest r(chosen) − r(rejected). These
+are where a researcher looks for a mislabel, an ambiguous prompt, or what the
+reward model has latched onto instead (the start of over-optimization).
+Scoring needs the model, so it runs in a worker; the table fills when it is done.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, cast
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from rlhf.errors import UserError
+
+if TYPE_CHECKING:
+    from rlhf.reward import LabeledPairScore
+    from workbench.app import WorkbenchApp
+
+SNIPPET = 48
+
+
+def snippet(text: str, width: int = SNIPPET) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[:width - 1] + "…"
+
+
+class DisagreementsScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back", tooltip="Back to the Train screen"),
+        Binding("r", "refresh", "Refresh", tooltip="Score the labeled pairs again"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[LabeledPairScore] = []
+        self.n_pairs = 0
+
+    @property
+    def wb(self) -> WorkbenchApp:
+        return cast("WorkbenchApp", self.app)
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("scoring the labeled pairs…", id="disagree-status", markup=False)
+        yield DataTable(id="disagree-table", cursor_type="row", zebra_stripes=True)
+        with VerticalScroll(id="disagree-detail"):
+            yield Static("", id="disagree-text", markup=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_columns("margin", "prompt", "labeler chose", "over")
+        self.action_refresh()
+
+    def action_refresh(self) -> None:
+        if getattr(self.wb, "stack", None) is None:
+            self._status("The model is not loaded yet: scores need it. Try again when it is (r).")
+            return
+        if not self.wb.store.checkpoints("reward"):
+            self._status("No reward model yet: train one on the Train screen (s).")
+            return
+        self._status("scoring the labeled pairs…")
+        self._score()
+
+    @work(thread=True, exclusive=True, group="disagreements", exit_on_error=False)
+    def _score(self) -> None:
+        from rlhf.reward import disagreements
+
+        scores = getattr(self.app, "reward_scores", None)
+        try:
+            scored = scores.labeled_scores() if scores is not None else None
+        except UserError as e:
+            self.app.call_from_thread(self._status, str(e))
+            return
+        except Exception as e:  # keep the app up; the log has the traceback
+            logging.getLogger(__name__).exception("scoring labeled pairs failed")
+            self.app.call_from_thread(self._status, f"scoring failed: {type(e).__name__}: {e}")
+            return
+        if scored is None:
+            self.app.call_from_thread(self._status, "No reward model could be loaded.")
+            return
+        self.app.call_from_thread(self._show, disagreements(scored), len(scored))
+
+    def _status(self, text: str) -> None:
+        self.query_one("#disagree-status", Static).update(text)
+
+    def _show(self, rows: list[LabeledPairScore], n_pairs: int) -> None:
+        self.rows, self.n_pairs = rows, n_pairs
+        table = self.query_one(DataTable)
+        table.clear()
+        for i, row in enumerate(rows):
+            table.add_row(Text(f"{row.margin:+.2f}", style="bold red"), snippet(row.prompt, 40),
+                          snippet(row.chosen), snippet(row.rejected), key=str(i))
+        version = getattr(getattr(self.app, "reward_scores", None), "version", None)
+        agree = n_pairs - len(rows)
+        self._status(f"reward v{version}: agrees with {agree} of {n_pairs} labeled pairs; "
+                     f"{len(rows)} disagreements, most confident first")
+        self._detail(rows[0] if rows else None)
+        if rows:
+            table.focus()
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key.value is not None and int(event.row_key.value) < len(self.rows):
+            self._detail(self.rows[int(event.row_key.value)])
+
+    def _detail(self, row: Any) -> None:
+        text = self.query_one("#disagree-text", Static)
+        if row is None:
+            text.update("Nothing to show: the reward model agrees with every labeled pair."
+                        if self.n_pairs else "No labeled pairs yet.")
+            return
+        text.update(Text.assemble(
+            ("Prompt\n", "bold"), row.prompt, "\n\n",
+            (f"Labeler chose (score {row.chosen_score:+.2f})\n", "bold green"), row.chosen, "\n\n",
+            (f"over (score {row.rejected_score:+.2f})\n", "bold red"), row.rejected))

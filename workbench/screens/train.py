@@ -1,0 +1,272 @@
+"""The Train screen: start a reward-model job, watch it learn, cancel it.
+
+The job runs in its own process (rlhf.jobs); this screen only reads the store.
+A timer starts a worker thread that reads the job row and the metric rows added
+since the last read, and hands them back to the event loop, which redraws the
+plots (textual-plotext) and the progress bar. Nothing here waits on training,
+so labeling can go on in the other mode while a job runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Header, Label, ProgressBar, Select, Static
+from textual_plotext import PlotextPlot
+
+from rlhf.errors import UserError
+
+if TYPE_CHECKING:
+    from workbench.app import WorkbenchApp
+
+POLL_S = 1.0
+ACTIVE = ("queued", "running", "paused")
+# Plotted series: (metric name, legend label), per plot.
+LOSS_SERIES = (("loss", "loss"),)
+ACCURACY_SERIES = (("accuracy", "accuracy"), ("eval/accuracy", "held-out accuracy"))
+
+
+@dataclass
+class Snapshot:
+    """What one poll read from the store."""
+
+    job: dict[str, Any] | None
+    new_metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
+    pairs_labeled: int = 0
+    pairs_imported: int = 0
+
+
+class TrainScreen(Screen[None]):
+    BINDINGS = [
+        Binding("s", "start", "Start", tooltip="Start training a reward model on the recorded pairs"),
+        Binding("c", "cancel", "Cancel", tooltip="Cancel the running training job (stops within one step)"),
+        Binding("d", "disagreements", "Disagreements", tooltip="Labeled pairs the reward model gets wrong"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.job_id: int | None = None      # the job the plots show
+        self.job: dict[str, Any] | None = None
+        self.last_step = -1                 # metrics read up to this step
+        self.series: dict[str, list[tuple[int, float]]] = {}
+        # Extra RewardConfig fields for jobs started here (tests make them tiny).
+        self.job_defaults: dict[str, Any] = {}
+
+    @property
+    def wb(self) -> WorkbenchApp:
+        return cast("WorkbenchApp", self.app)
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("", id="train-status", markup=False)
+        with Horizontal(id="train-controls"):
+            yield Label("pairs", classes="train-label")
+            yield Select([("all", "all"), ("labeled", "label"), ("imported", "import")], value="all",
+                         allow_blank=False, id="train-sources")
+            yield Label("epochs", classes="train-label")
+            yield Select([(str(n), n) for n in (1, 2, 3)], value=1, allow_blank=False, id="train-epochs")
+            yield Button("Start", id="train-start", variant="primary")
+            yield Button("Cancel", id="train-cancel", variant="error")
+        yield ProgressBar(total=None, show_eta=True, id="train-progress")
+        with Horizontal(id="train-plots"):
+            yield PlotextPlot(id="loss-plot")
+            yield PlotextPlot(id="accuracy-plot")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self._draw()
+        self.poll()
+        self.set_interval(POLL_S, self.poll)
+
+    def on_screen_resume(self) -> None:
+        self.poll()
+
+    # -- reading the store (in a worker)
+
+    def poll(self) -> None:
+        self._read_store()
+
+    @work(thread=True, exclusive=True, group="train-poll", exit_on_error=False)
+    def _read_store(self) -> None:
+        from rlhf import jobs
+
+        store = self.wb.store
+        job_id, after = self.job_id, self.last_step
+        if job_id is not None and self.job is not None and self.job["status"] in ACTIVE:
+            jobs.refresh(store)  # a killed job shows as failed
+        reward_jobs = store.jobs("reward")
+        active = [j for j in reward_jobs if j["status"] in ACTIVE]
+        latest = active[-1] if active else (reward_jobs[-1] if reward_jobs else None)
+        if latest is not None and latest["id"] != job_id:
+            job_id, after = latest["id"], -1
+        snap = Snapshot(job=latest, checkpoint=store.checkpoint("reward"))
+        if job_id is not None:
+            snap.new_metrics = store.metrics(job_id, after_step=after)
+        stats = store.stats()
+        snap.pairs_labeled, snap.pairs_imported = stats["pairs_labeled"], stats["pairs_imported"]
+        self.app.call_from_thread(self._apply, snap)
+
+    # -- showing it (on the event loop)
+
+    def _apply(self, snap: Snapshot) -> None:
+        job = snap.job
+        if job is not None and job["id"] != self.job_id:
+            self.job_id, self.last_step, self.series = job["id"], -1, {}
+        finished_now = (self.job is not None and job is not None and self.job["id"] == job["id"]
+                        and self.job["status"] in ACTIVE and job["status"] not in ACTIVE)
+        self.job = job
+        # Two polls can overlap (a slow read): keep only steps not drawn yet.
+        fresh = {name: [(s, v) for s, v in points if s > self.last_step]
+                 for name, points in snap.new_metrics.items()}
+        fresh = {name: points for name, points in fresh.items() if points}
+        if fresh:
+            for name, points in fresh.items():
+                self.series.setdefault(name, []).extend(points)
+            self.last_step = max(step for points in fresh.values() for step, _ in points)
+            self._draw()
+        self._progress(job)
+        self.query_one("#train-status", Static).update(self.status_text(snap))
+        self.query_one("#train-cancel", Button).disabled = job is None or job["status"] not in ACTIVE
+        self.query_one("#train-start", Button).disabled = job is not None and job["status"] in ACTIVE
+        if finished_now:
+            self._finished(job, snap.checkpoint)
+
+    def _finished(self, job: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+        if job["status"] == "done":
+            self.notify(f"reward model v{checkpoint['version'] if checkpoint else '?'} is ready")
+            scores = getattr(self.app, "reward_scores", None)
+            if scores is not None:
+                scores.refresh_agreement()
+        elif job["status"] == "failed":
+            self.notify(f"training failed: {job['error']}", severity="error", timeout=10)
+        else:
+            self.notify(f"training {job['status']}")
+
+    def _progress(self, job: dict[str, Any] | None) -> None:
+        bar = self.query_one("#train-progress", ProgressBar)
+        if job is None or not job["total_steps"]:
+            bar.update(total=None)
+            return
+        bar.update(total=job["total_steps"], progress=job["step"])
+
+    def status_text(self, snap: Snapshot) -> str:
+        job = snap.job
+        pairs = f"{snap.pairs_labeled} labeled + {snap.pairs_imported} imported pairs"
+        if job is None:
+            return f"No reward model trained yet. {pairs}. Press s to train one."
+        head = f"job {job['id']} {job['status']}"
+        if job["status"] in ACTIVE:
+            total = job["total_steps"] or "?"
+            if job["status"] == "queued" or (job["step"] == 0 and job["status"] == "running"):
+                return f"{head}: loading the model and the pairs ({pairs})"
+            if job["total_steps"] and job["step"] >= job["total_steps"]:
+                return f"{head}: trained {total} steps; normalizing on reference samples"
+            return f"{head}: step {job['step']}/{total}{self._latest_figures()}"
+        if job["status"] == "failed":
+            return f"{head}: {job['error'] or 'no reason recorded'}"
+        if job["status"] == "cancelled":
+            return f"{head} at step {job['step']}. {pairs}. Press s to train again."
+        checkpoint = snap.checkpoint
+        if checkpoint is None:
+            return f"{head}. {pairs}."
+        meta = checkpoint["meta"]
+        return (f"reward v{checkpoint['version']} (job {checkpoint['job_id']}): held-out accuracy "
+                f"{meta.get('eval_accuracy', float('nan')):.2f} on {meta.get('eval_pairs', 0)} pairs, "
+                f"normalized (gain {meta.get('gain', 1):.2f}, bias {meta.get('bias', 0):+.2f}). {pairs}.")
+
+    def _latest_figures(self) -> str:
+        parts = []
+        for name, label in (("loss", "loss"), ("accuracy", "accuracy"), ("eval/accuracy", "held-out")):
+            if self.series.get(name):
+                parts.append(f"{label} {self.series[name][-1][1]:.3f}")
+        return ("  ·  " + "  ·  ".join(parts)) if parts else ""
+
+    def _draw(self) -> None:
+        for plot_id, title, series, ylim in (("#loss-plot", "loss", LOSS_SERIES, None),
+                                             ("#accuracy-plot", "accuracy", ACCURACY_SERIES, (0.0, 1.0))):
+            widget = self.query_one(plot_id, PlotextPlot)
+            plt = widget.plt
+            plt.clear_data()
+            plt.title(title)
+            plt.xlabel("step")
+            if ylim:
+                plt.ylim(*ylim)
+            for name, label in series:
+                points = self.series.get(name)
+                if points:
+                    plt.plot([s for s, _ in points], [v for _, v in points], label=label,
+                             marker="dot" if name.startswith("eval/") else "braille")
+            widget.refresh()
+
+    # -- actions
+
+    def job_config(self) -> dict[str, Any]:
+        """A RewardConfig dict: the chosen options and the app's base model."""
+        config: dict[str, Any] = {"sources": self.query_one("#train-sources", Select).value,
+                                  "epochs": self.query_one("#train-epochs", Select).value}
+        options, stack = getattr(self.wb, "model_options", None), getattr(self.wb, "stack", None)
+        if options is not None:
+            config.update(model=options.source, quantize=options.quantize, device=options.device)
+        elif stack is not None:
+            config.update(model=stack.model_dir, quantize=stack.quantized, device=stack.device.type)
+        return {**config, **self.job_defaults}
+
+    def action_start(self) -> None:
+        if self.job is not None and self.job["status"] in ACTIVE:
+            self.notify(f"job {self.job['id']} is still {self.job['status']}: cancel it first (c)", severity="warning")
+            return
+        self._start(self.job_config())
+
+    @work(thread=True, exclusive=True, group="train-start", exit_on_error=False)
+    def _start(self, config: dict[str, Any]) -> None:
+        from rlhf import jobs
+        from rlhf.reward import RewardConfig
+
+        try:
+            RewardConfig.from_dict(config)
+            job_id = jobs.start_job(self.wb.store, "reward", config)
+        except UserError as e:
+            self.app.call_from_thread(self.notify, str(e), severity="error", timeout=8)
+            return
+        except OSError as e:  # could not spawn the process
+            logging.getLogger(__name__).exception("could not start the job")
+            self.app.call_from_thread(self.notify, f"could not start training: {e}", severity="error")
+            return
+        self.app.call_from_thread(self.notify, f"started reward job {job_id}")
+        self.app.call_from_thread(self.poll)
+
+    def action_cancel(self) -> None:
+        if self.job is None or self.job["status"] not in ACTIVE:
+            self.notify("no training job is running")
+            return
+        self._cancel(self.job["id"])
+
+    @work(thread=True, group="train-cancel", exit_on_error=False)
+    def _cancel(self, job_id: int) -> None:
+        from rlhf import jobs
+
+        try:
+            jobs.request(self.wb.store, job_id, "cancel")
+        except UserError as e:
+            self.app.call_from_thread(self.notify, str(e), severity="warning")
+            return
+        self.app.call_from_thread(self.notify, f"cancelling job {job_id} (it stops after the current step)")
+
+    def action_disagreements(self) -> None:
+        from workbench.screens.disagreements import DisagreementsScreen
+
+        self.app.push_screen(DisagreementsScreen())
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "train-start":
+            self.action_start()
+        elif event.button.id == "train-cancel":
+            self.action_cancel()
