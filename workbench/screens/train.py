@@ -228,10 +228,10 @@ class TrainScreen(Screen[None]):
     @work(thread=True, exclusive=True, group="train-start", exit_on_error=False)
     def _start(self, config: dict[str, Any]) -> None:
         from rlhf import jobs
-        from rlhf.reward import RewardConfig
+        from rlhf.reward import RewardConfig, check_pairs
 
         try:
-            RewardConfig.from_dict(config)
+            check_pairs(self.wb.store, RewardConfig.from_dict(config).sources)
             job_id = jobs.start_job(self.wb.store, "reward", config)
         except UserError as e:
             self.app.call_from_thread(self.notify, str(e), severity="error", timeout=8)

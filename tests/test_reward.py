@@ -1,0 +1,293 @@
+"""The reward model: its loss, reading at EOS, learning a synthetic labeler,
+normalization, and training as a background job (cancel, kill, one at a time)."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import signal
+import time
+
+import pytest
+import torch
+
+from rlhf import jobs
+from rlhf.errors import UserError
+from rlhf.preferences import record_label
+from rlhf.reward import (RewardConfig, RewardScorer, agreement, bradley_terry_loss, disagreements, element_loss,
+                         load_scorer, normalize, plan_steps, raw_rewards, score_labeled_pairs, train)
+from rlhf.reward_data import Element, split_by_prompt, store_elements
+from rlhf.sampling import SamplingParams, chat_prompt_ids, sample_k
+from rlhf.store import Store, now
+
+WORDS = "red green blue sky tree river stone cloud house road bird fish lamp chair door".split()
+
+
+def synthetic_pairs(store, n: int, seed: int = 0, word: str = "banana") -> None:
+    """A labeler who prefers the completion containing ``word``; both completions
+    have the same length, so only the word tells them apart."""
+    rng = random.Random(seed)
+    for i in range(n):
+        a, b = rng.choices(WORDS, k=5), rng.choices(WORDS, k=5)
+        a.insert(rng.randrange(6), word)
+        b.insert(rng.randrange(6), rng.choice(WORDS))
+        store.add_imported_pair(f"Question {i}: say something", " ".join(a), " ".join(b), "synthetic", f"k{i}")
+
+
+# --- the loss -----------------------------------------------------------------------
+
+
+def test_bradley_terry_loss_on_two_hand_worked_pairs():
+    # Pair 1: r_c - r_r = 1 -> -log σ(1) = log(1 + e^-1) = 0.313262
+    # Pair 2: r_c - r_r = 0 -> -log σ(0) = log 2       = 0.693147
+    expected = (math.log(1 + math.exp(-1)) + math.log(2)) / 2  # 0.503204
+    loss = bradley_terry_loss(torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.5]))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(0.503204, abs=1e-6)
+
+
+def test_best_of_k_softmax_and_ranking_losses():
+    rewards = torch.tensor([2.0, 0.0, 0.0])
+    best = Element("p", [[1]] * 3, [(0, 1), (0, 2)], kind="best")
+    # softmax: -log(e^2 / (e^2 + 1 + 1)) = log(1 + 2 e^-2)
+    assert element_loss(rewards, best, "softmax").item() == pytest.approx(math.log(1 + 2 * math.exp(-2)), abs=1e-6)
+    # pairwise: both pairs have margin 2 -> log(1 + e^-2)
+    assert element_loss(rewards, best, "pairwise").item() == pytest.approx(math.log(1 + math.exp(-2)), abs=1e-6)
+    # a ranking 0 > 1 > 2 with rewards (2, 0, 0): margins 2, 2, 0, averaged
+    ranking = Element("p", [[1]] * 3, [(0, 1), (0, 2), (1, 2)], kind="ranking")
+    expected = (2 * math.log(1 + math.exp(-2)) + math.log(2)) / 3
+    assert element_loss(rewards, ranking, "softmax").item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_one_epoch_shows_every_element_once_in_accumulated_steps():
+    items = [Element(f"p{i}", [[i]], []) for i in range(10)]
+    plan = plan_steps(items, RewardConfig(batch_size=3, accum=2), random.Random(0))
+    assert [len(step) for step in plan] == [2, 2]  # 4 micro-batches of 3, 3, 3, 1
+    seen = [e.prompt for step in plan for batch in step for e in batch]
+    assert sorted(seen) == sorted(e.prompt for e in items)
+    fixed = plan_steps(items, RewardConfig(batch_size=3, accum=2, steps=5), random.Random(0))
+    assert len(fixed) == 5 and all(len(step) == 2 for step in fixed)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(UserError, match="sources"):
+        RewardConfig(sources="everything")
+    with pytest.raises(UserError, match="unknown reward config"):
+        RewardConfig.from_dict({"learning_rate": 1.0})
+
+
+# --- data ----------------------------------------------------------------------------
+
+
+def test_ranking_is_one_element_and_split_is_by_prompt(store, tiny_stack):
+    for i in range(6):
+        pid = store.add_prompt(f"prompt {i}")
+        cids = store.add_completions(pid, [{"text": t, "n_tokens": 1, "finish_reason": "eos", "policy_version": 0}
+                                           for t in ("a", "b", "c")])
+        record_label(store, pid, cids, "ranking", [2, 0, 1])
+        store.add_imported_pair(f"prompt {i}", "yes", "no", "file", f"key{i}")
+    elements = store_elements(store, tiny_stack.tokenizer)
+    ranking = [e for e in elements if e.kind == "ranking"]
+    assert len(ranking) == 6 and all(len(e.sequences) == 3 and len(e.pairs) == 3 for e in ranking)
+    eos = tiny_stack.tokenizer.eos_token_id
+    assert all(s[-1] == eos and s.count(eos) >= 1 for e in elements for s in e.sequences)
+    train_set, held = split_by_prompt(elements, 0.3)
+    assert held and train_set
+    assert not {e.prompt for e in train_set} & {e.prompt for e in held}
+    assert split_by_prompt(elements, 0.3) == (train_set, held)  # deterministic
+    assert len(store_elements(store, tiny_stack.tokenizer, sources="import")) == 6
+
+
+# --- scoring at EOS ------------------------------------------------------------------
+
+
+def test_score_is_read_at_eos(tiny_stack):
+    tiny_stack.ensure_adapter("reward")
+    scorer = RewardScorer(tiny_stack)
+    tok = tiny_stack.tokenizer
+    prompt = chat_prompt_ids(tok, "Tell me a story")
+    body = tok("Once upon a time", add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    rows = [body + [eos], body, body + [eos] + tok(" and more", add_special_tokens=False)["input_ids"],
+            body + [eos, tok.pad_token_id, tok.pad_token_id]]
+    scores = scorer.score_ids([prompt] * 4, rows, [True] * 4)
+    assert torch.allclose(scores, scores[0].expand(4), atol=1e-5)  # appended EOS; nothing after it counts
+    # The same sequence scores the same alone and beside a longer one (padding).
+    long = prompt + tok("a much longer completion than the other one", add_special_tokens=False)["input_ids"] + [eos]
+    with tiny_stack.role("reward"), torch.no_grad():
+        alone = raw_rewards(tiny_stack, [prompt + body + [eos]])
+        batched = raw_rewards(tiny_stack, [prompt + body + [eos], long])
+    assert alone[0].item() == pytest.approx(batched[0].item(), abs=1e-5)
+    # A different completion scores differently (the read is not the prompt's end).
+    other = scorer.score_ids([prompt], [tok("No.", add_special_tokens=False)["input_ids"]], [True])
+    assert other[0].item() != pytest.approx(scores[0].item(), abs=1e-6)
+    # Never finished: the penalty, not the model's opinion.
+    assert scorer.score_ids([prompt], [body], [False])[0].item() == -1.0
+    gained = RewardScorer(tiny_stack, gain=2.0, bias=0.5).score_texts("Tell me a story", ["Once upon a time"])
+    assert gained[0] == pytest.approx(2.0 * scores[0].item() + 0.5, abs=1e-4)
+
+
+# --- learning -------------------------------------------------------------------------
+
+
+def test_learns_a_synthetic_labeler_on_held_out_prompts(store, tiny_stack):
+    synthetic_pairs(store, 48)
+    elements = store_elements(store, tiny_stack.tokenizer)
+    config = RewardConfig(epochs=2, lr=2e-3, batch_size=8, accum=1, eval_fraction=0.25, eval_every=3)
+    logged: dict[int, dict[str, float]] = {}
+    result = train(tiny_stack, elements, config, log=lambda step, m: logged.__setitem__(step, m))
+    assert result.n_eval >= 6
+    assert result.eval.accuracy >= 0.9, result
+    assert result.eval.margin > 0
+    last = logged[result.steps]
+    assert {"loss", "accuracy", "margin", "lr", "eval/accuracy", "eval/margin"} <= set(last)
+    assert logged[1]["lr"] > last["lr"]  # decaying
+    assert last["loss"] < logged[1]["loss"]
+    # Agreement and disagreements use the same scores.
+    scorer = RewardScorer(tiny_stack)
+    scored = score_labeled_pairs(scorer, store, source="import")
+    assert agreement(scored) >= 0.9
+    wrong = disagreements(scored)
+    assert all(w.margin <= 0 for w in wrong)
+    assert [w.margin for w in wrong] == sorted(w.margin for w in wrong)
+
+
+def test_normalization_gives_reference_samples_mean_zero_std_one(store, tiny_stack):
+    tiny_stack.ensure_adapter("reward")
+    prompts = ["Name a colour.", "Say hello.", "Count to three.", "What is a tree?"]
+    config = RewardConfig(norm_samples=16, norm_max_new_tokens=8, seed=3)
+    norm = normalize(tiny_stack, prompts, config)
+    assert norm.n_samples == 16 and norm.raw_std > 0
+    # The same reference samples (one generate call at this size), scored through
+    # the public scorer: mean 0, std 1.
+    torch.manual_seed(3)
+    samples = sample_k(tiny_stack, prompts, 4, SamplingParams(max_new_tokens=8), role="reference")
+    flat = [(p, s) for p, group in zip(prompts, samples) for s in group]
+    scorer = RewardScorer(tiny_stack, gain=norm.gain, bias=norm.bias)
+    scores = scorer.score_ids([chat_prompt_ids(tiny_stack.tokenizer, p) for p, _ in flat],
+                              [s.token_ids for _, s in flat], [True] * len(flat))
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert scores.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+# --- as a background job -----------------------------------------------------------------
+
+
+def job_config(tiny_dir, **overrides):
+    return {"model": tiny_dir, "quantize": False, "device": "cpu", "lr": 2e-3, "batch_size": 8, "accum": 1,
+            "eval_fraction": 0.25, "eval_every": 2, "norm_samples": 8, "norm_max_new_tokens": 4,
+            "norm_prompts": 4, **overrides}
+
+
+def wait_for_step(store, job_id, step, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = store.job(job_id)
+        if job["step"] >= step:
+            return job
+        assert job["status"] in ("queued", "running"), job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not reach step {step}")
+
+
+def test_second_job_refused_and_cancel_stops_within_one_step(store, tiny_dir):
+    synthetic_pairs(store, 16)
+    job_id = jobs.start_job(store, "reward", job_config(tiny_dir, steps=100000))
+    wait_for_step(store, job_id, 2)
+    with pytest.raises(UserError, match="already"):
+        jobs.start_job(store, "reward", job_config(tiny_dir))
+    requested_at = now()
+    jobs.request(store, job_id, "cancel")
+    job = jobs.wait(store, job_id, timeout_s=60)
+    assert job["status"] == "cancelled"
+    after = store._rows("SELECT DISTINCT step FROM metrics WHERE job_id = ? AND created_at > ?", [job_id, requested_at])
+    assert len(after) <= 1, after  # at most the step that was under way
+    assert store.checkpoint("reward") is None
+
+
+def test_killed_job_is_reported_failed_and_a_new_one_trains_a_version(store, tiny_dir, tiny_stack):
+    synthetic_pairs(store, 24)
+    labels_before = store.pairs()
+    job_id = jobs.start_job(store, "reward", job_config(tiny_dir, steps=100000))
+    job = wait_for_step(store, job_id, 1)
+    os.kill(job["pid"], signal.SIGKILL)
+    job = jobs.wait(store, job_id, timeout_s=30)
+    assert job["status"] == "failed" and "ended without finishing" in job["error"]
+    assert store.checkpoint("reward") is None
+
+    second = jobs.start_job(store, "reward", job_config(tiny_dir, epochs=2))
+    job = jobs.wait(store, second, timeout_s=120)
+    assert job["status"] == "done", job["error"]
+    checkpoint = store.checkpoint("reward")
+    assert checkpoint["version"] == 1 and checkpoint["job_id"] == second
+    assert {"gain", "bias", "eval_accuracy"} <= set(checkpoint["meta"])
+    metrics = store.metrics(second)
+    assert {"loss", "accuracy", "margin", "lr", "eval/accuracy", "eval/margin"} <= set(metrics)
+    assert len(metrics["loss"]) == job["total_steps"] == job["step"]
+    scorer = load_scorer(tiny_stack, store)
+    assert scorer.version == 1 and scorer.gain == checkpoint["meta"]["gain"]
+    assert len(scorer.score_texts("Question 1: say something", ["red banana sky", "red apple sky"])) == 2
+    assert store.pairs() == labels_before  # the jobs only read labels
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from rlhf.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_train_reward_without_pairs_is_refused_before_any_job(capsys, db_path):
+    code, _, err = run_cli(capsys, "--db", str(db_path), "train-reward", "--sources", "label")
+    assert code == 2 and "no labeled preference pairs to train on" in err
+    with Store(db_path) as store:
+        assert store.jobs() == []
+
+
+def test_eval_reward_without_a_model_is_one_clear_line(capsys, db_path, tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    code, _, err = run_cli(capsys, "--db", str(db_path), "eval-reward", str(path))
+    assert code == 2 and "no reward model yet" in err and err.count("\n") == 1
+
+
+def test_train_reward_follows_the_job_then_eval_reward_reads_a_file(capsys, db_path, tiny_dir, tmp_path):
+    import json
+
+    with Store(db_path) as store:
+        synthetic_pairs(store, 24)
+    model = ["--model", tiny_dir, "--no-4bit", "--device", "cpu"]
+    code, out, err = run_cli(capsys, "--db", str(db_path), "train-reward", "--epochs", "3", "--lr", "2e-3",
+                             "--batch-size", "8", "--accum", "1", "--eval-every", "2", "--eval-fraction", "0.25",
+                             "--norm-samples", "8", *model)
+    assert code == 0, err
+    assert "started reward job 1" in out and re.search(r"step \d/9  loss", out) and "held-out accuracy" in out
+    assert "reward version 1 saved" in out
+
+    # A file in TRL's standard format, the synthetic labeler's taste, never imported.
+    rng = random.Random(7)
+    path = tmp_path / "prefs.jsonl"
+    with path.open("w") as f:
+        for i in range(12):
+            a, b = rng.choices(WORDS, k=5), rng.choices(WORDS, k=5)
+            a.insert(2, "banana")
+            b.insert(2, rng.choice(WORDS))
+            row = {"prompt": f"Other question {i}", "chosen": " ".join(a), "rejected": " ".join(b)}
+            f.write(json.dumps(row) + "\n")
+        f.write("not json\n")
+    with Store(db_path) as store:
+        pairs_before = len(store.pairs())
+    code, out, err = run_cli(capsys, "--db", str(db_path), "eval-reward", str(path), *model)
+    assert code == 0, err
+    assert "reward version 1: accuracy" in out and "on 12 pairs" in out
+    accuracy = float(out.split("accuracy ")[1].split(",")[0])
+    assert accuracy >= 0.75
+    assert "skipped" in err and ":13:" in err
+    with Store(db_path) as store:
+        assert len(store.pairs()) == pairs_before  # evaluated, not imported
