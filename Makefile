@@ -27,8 +27,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The benchmarks compare against TRL, installed only here (the `bench` extra).
 bench: $(STAMP)
+	$(BIN)/pip install -e ".[bench]"
 	$(BIN)/python benchmarks/sampling.py
+	$(BIN)/python benchmarks/reward.py
+	$(BIN)/python benchmarks/ppo.py
 
 clean:
 	rm -rf $(VENV)

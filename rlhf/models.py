@@ -75,6 +75,9 @@ class ModelOptions:
     # None: CUDA when available, else CPU.
     device: str | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # False: this stack only samples and scores (the app); 4-bit layers may then use
+    # bitsandbytes' faster CPU kernel, which has no backward (see _keep_4bit_differentiable).
+    training: bool = True
 
 
 # --- where the weights come from -------------------------------------------------
@@ -255,7 +258,7 @@ class ModelStack:
     """One base model with the named adapters of every RLHF role."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, device: torch.device, quantized: bool,
-                 lora: LoraSettings, model_dir: str) -> None:
+                 lora: LoraSettings, model_dir: str, training: bool = True) -> None:
         from peft import LoraConfig, get_peft_model
 
         self.tokenizer = tokenizer
@@ -267,6 +270,8 @@ class ModelStack:
                                       target_modules=lora.target_modules, task_type="CAUSAL_LM")
         for p in model.parameters():
             p.requires_grad_(False)
+        if quantized and training:
+            _keep_4bit_differentiable(model)
         self.peft = get_peft_model(model, self.lora_config, adapter_name="policy")
         self.peft.eval()  # dropout off everywhere; we never call train()
         for p in self.peft.parameters():  # trainers switch on what they train
@@ -324,9 +329,10 @@ class ModelStack:
     @contextmanager
     def role(self, name: str) -> Iterator[None]:
         """Run the block with the adapter of one role active: 'policy', 'reward', or
-        'reference' (a frozen copy if one was loaded, else the bare base).
+        'reference' (a frozen copy if one was loaded, else the bare base), or
+        'base' (always the bare base: version 0, whatever the reference is).
         Trainable flags are left as the caller set them."""
-        if name == "reference" and not self.reference_is_copy:
+        if name == "base" or (name == "reference" and not self.reference_is_copy):
             with self._keep_grad_flags(), self.peft.disable_adapter():
                 yield
             return
@@ -432,6 +438,21 @@ class ModelStack:
         self.policy_version = 0
 
 
+def _keep_4bit_differentiable(model: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit weight for a faster CPU kernel the first
+    time an eval-mode layer sees an input without grad (a rollout, a scoring pass).
+    That kernel has no backward, so LoRA gradients through the frozen base come out
+    wrong from then on (measured: 100% off, tests/test_ppo.py). Training needs the
+    differentiable path, so every 4-bit layer keeps it."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_stack(options: ModelOptions | None = None, progress: Callable[[str], None] | None = None) -> ModelStack:
     """Load the base model once and wrap it with the policy adapter (and room for the others)."""
     options = options or ModelOptions()
@@ -446,7 +467,7 @@ def load_stack(options: ModelOptions | None = None, progress: Callable[[str], No
         model.resize_token_embeddings(len(tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     stack = ModelStack(model, tokenizer, device=device, quantized=quantized, lora=options.lora,
-                       model_dir=model_dir)
+                       model_dir=model_dir, training=options.training)
     say(f"ready ({'4-bit NF4' if quantized else str(compute_dtype(device)).replace('torch.', '')}, {device.type})")
     return stack
 

@@ -1,0 +1,134 @@
+"""`rlhf ppo` (start or resume a PPO session in the background) and
+`rlhf ppo-control pause|resume|stop`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rlhf.errors import UserError
+
+# What --wait prints per iteration: (metric, label, format).
+PROGRESS = (("objective/scores", "score", "{:.3f}"), ("objective/kl", "kl", "{:.3f}"), ("beta", "beta", "{:.4f}"),
+            ("objective/entropy", "entropy", "{:.1f}"), ("val/ratio", "ratio", "{:.3f}"),
+            ("policy/clipfrac", "clipfrac", "{:.2f}"), ("time/iteration_s", "s", "{:.1f}"))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from rlhf.cli import add_model_options
+
+    p = sub.add_parser("ppo", help="run a short KL-regularized PPO session in the background",
+                       description="Start (or with --resume, continue) a PPO session as a background job. "
+                                   "Each iteration saves the policy as a new version. Defaults: see "
+                                   "rlhf.ppo.PPOConfig.")
+    p.add_argument("--iterations", type=int, default=None, help="iterations in this session (default 10 "
+                                                                  "unless --minutes is given)")
+    p.add_argument("--minutes", type=float, default=None, help="stop after the iteration that passes M minutes")
+    p.add_argument("--beta", type=float, default=None, help="KL coefficient (default 0.05; the starting "
+                                                            "value with --adaptive-kl)")
+    p.add_argument("--adaptive-kl", action="store_true", default=None,
+                   help="adapt beta towards --target-kl (lm-human-preferences' controller)")
+    p.add_argument("--target-kl", type=float, default=None, help="target KL in nats per sequence (default 6)")
+    p.add_argument("--batch-size", type=int, default=None, help="episodes per iteration (default 16)")
+    p.add_argument("--mini-batch-size", type=int, default=None, help="sequences per optimizer step (default 4)")
+    p.add_argument("--epochs", type=int, default=None, help="PPO epochs over each batch (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="completion length (default 32)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.7)")
+    p.add_argument("--lr", dest="learning_rate", type=float, default=None, help="learning rate (default 1e-4)")
+    p.add_argument("--reward", default=None,
+                   help="reward version (default: the latest), or a rule: rule:short, rule:token=ID, "
+                        "rule:distinct, rule:ids-below=N")
+    p.add_argument("--policy-version", dest="init_policy_version", type=int, default=None,
+                   help="policy version to start from (default: the latest; 0 = the base)")
+    p.add_argument("--prompt-file", default=None, help="prompts from this file instead of the database")
+    p.add_argument("--save-every", type=int, default=None, help="save a version every N iterations (default 1)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the last session from its latest checkpoint, against that session's reference")
+    p.add_argument("--wait", action="store_true", help="stay and print each iteration until the session ends")
+    add_model_options(p)
+    p.set_defaults(func=cmd_ppo)
+
+    c = sub.add_parser("ppo-control", help="pause, resume or stop the running PPO session")
+    c.add_argument("action", choices=("pause", "resume", "stop"))
+    c.add_argument("--job", type=int, default=None, help="job id (default: the active PPO job)")
+    c.set_defaults(func=cmd_ppo_control)
+
+
+def session_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The job config from the options; unset options keep PPOConfig's defaults."""
+    keys = ("iterations", "minutes", "beta", "adaptive_kl", "target_kl", "batch_size", "mini_batch_size", "epochs",
+            "max_new_tokens", "temperature", "learning_rate", "init_policy_version", "prompt_file", "save_every",
+            "seed")
+    config: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.iterations is None and args.minutes is None:
+        config["iterations"] = 10
+    reward = args.reward
+    if reward is not None and not reward.startswith("rule:"):
+        if not reward.isdigit():
+            raise UserError(f"--reward {reward!r}: pass a reward version number or rule:NAME")
+        reward = int(reward)
+    config.update(reward=reward, resume=args.resume, model=args.model, quantize=args.quantize, device=args.device)
+    return config
+
+
+def cmd_ppo(args: argparse.Namespace) -> int:
+    from rlhf.cli import open_db, say
+    from rlhf.locations import checkpoints_dir
+    from rlhf.ppo import PPOConfig, start_session
+
+    config = session_config(args)
+    PPOConfig.from_dict(config)  # bad values fail here, not in the background
+    with open_db(args) as store:
+        job_id = start_session(store, config)
+        what = "resumed" if args.resume else "started"
+        log = checkpoints_dir(store.path) / f"job-{job_id}.log"
+        print(f"PPO session {what}: job {job_id} (log: {log}); `rlhf ppo-control pause|resume|stop` controls it")
+        if not args.wait:
+            return 0
+        job = follow(store, job_id, say)
+    if job["status"] == "failed":
+        print(f"rlhf: error: PPO job {job_id} failed: {job['error']}")
+        return 1
+    print(f"PPO job {job_id} {job['status']} after iteration {job['step']}")
+    return 0
+
+
+def follow(store: Any, job_id: int, say: Any) -> dict[str, Any]:
+    """Print each new iteration's metrics until the job ends; returns its row."""
+    from rlhf import jobs
+
+    shown = [0]
+
+    def on_poll(job: dict[str, Any]) -> None:
+        series = store.metrics(job_id, after_step=shown[0])
+        for step in sorted({s for values in series.values() for s, _ in values}):
+            row = {name: v for name, values in series.items() for s, v in values if s == step}
+            parts = [f"{label} {fmt.format(row[name])}" for name, label, fmt in PROGRESS if name in row]
+            print(f"iteration {step}: " + "  ".join(parts), flush=True)
+            shown[0] = step
+
+    try:
+        return jobs.wait(store, job_id, timeout_s=7 * 24 * 3600, on_poll=on_poll)
+    except KeyboardInterrupt:
+        say(f"stopped following; job {job_id} keeps running (`rlhf ppo-control stop` ends it)")
+        raise
+
+
+def cmd_ppo_control(args: argparse.Namespace) -> int:
+    from rlhf import jobs
+    from rlhf.cli import open_db
+
+    with open_db(args) as store:
+        job_id = args.job
+        if job_id is None:
+            active = jobs.active_job(store)
+            if active is None or active["kind"] != "ppo":
+                raise UserError("no PPO session is running: start one with `rlhf ppo`")
+            job_id = active["id"]
+        elif store.job(job_id)["kind"] != "ppo":
+            raise UserError(f"job {job_id} is not a PPO session")
+        jobs.request(store, job_id, "cancel" if args.action == "stop" else args.action)
+    print(f"asked PPO job {job_id} to {args.action} (it acts between iterations)"
+          + ("; continue later with `rlhf ppo --resume`" if args.action == "stop" else ""))
+    return 0

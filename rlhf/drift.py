@@ -1,0 +1,291 @@
+"""Policy drift: how far a policy version moved from the reference, and whether a
+human still prefers it.
+
+- For probe prompts, the reference (the base, policy version 0) and a policy
+  version answer side by side; each token carries its log-ratio
+  log pi(x_t) - log pi_ref(x_t) (teacher-forced under both, at the sampling
+  temperature), and the policy answer's summed log-ratio is a one-sample estimate
+  of the sequence KL(pi || pi_ref).
+- Blind labeling: the two answers are stored as completions with their policy
+  version and shown in random order; the label goes in with purpose 'drift', so
+  the store knows which was which while the labeler does not.
+- The human win-rate of each version over the reference, beside the reward
+  model's mean score for that version: reward rising while the win-rate falls is
+  over-optimization (DESIGN.md), and ``over_optimization`` says so in words.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf.errors import UserError
+from rlhf.preferences import record_label
+from rlhf.store import Store
+
+PURPOSE = "drift"
+DRIFT_ADAPTER = "drift"   # the policy version under view, apart from the app's 'policy'
+REFERENCE_VERSION = 0
+# Kinds of drift label that count as a tie (half a win each); 'skip' counts nothing.
+TIE_KINDS = ("tie", "all_bad")
+
+
+def probe_prompts() -> list[str]:
+    """The fixed probe prompts shipped in sample_prompts/probes.txt."""
+    from rlhf.prompts import bundled_prompt_file, read_prompt_file
+
+    return read_prompt_file(bundled_prompt_file("probes.txt")).prompts
+
+
+# --- answers with per-token log-ratios ----------------------------------------------
+
+
+@dataclass
+class DriftAnswer:
+    """One answer and, per token, its text piece and log pi - log pi_ref."""
+
+    policy_version: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    pieces: list[str] = field(default_factory=list)
+    log_ratios: list[float] = field(default_factory=list)
+
+    @property
+    def log_ratio_sum(self) -> float:
+        """Summed log-ratio. For the policy's own sample this estimates
+        KL(pi || pi_ref) of the sequence; for the reference's, -KL(pi_ref || pi)."""
+        return float(sum(self.log_ratios))
+
+
+@dataclass
+class DriftPair:
+    prompt: str
+    reference: DriftAnswer
+    policy: DriftAnswer
+
+    @property
+    def kl(self) -> float:
+        return self.policy.log_ratio_sum
+
+
+def load_drift_version(stack: Any, store: Store, version: int) -> None:
+    """Load policy ``version`` into its own adapter (``DRIFT_ADAPTER``), so the
+    policy the app samples from and its value head stay as they are. Its
+    reference is the base ('base' role, version 0): the drift view measures from
+    where the whole loop started."""
+    if version == REFERENCE_VERSION:
+        raise UserError("policy version 0 is the reference itself: pick a trained version (`rlhf stats` lists them)")
+    checkpoint = store.checkpoint("policy", version)
+    assert checkpoint is not None
+    stack.load_adapter(DRIFT_ADAPTER, checkpoint["path"], heads=False)
+    stack.drift_version = version
+
+
+def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The text each token adds (decoding prefixes, so multi-byte characters and
+    leading spaces come out as the reader sees them)."""
+    pieces, before = [], ""
+    for i in range(len(ids)):
+        now = tokenizer.decode(list(ids[:i + 1]), skip_special_tokens=True)
+        pieces.append(now[len(before):] if now.startswith(before) else now)
+        before = now
+    return pieces
+
+
+def teacher_forced_logprobs(stack: Any, role: str, prompt_ids: Sequence[int], rows: Sequence[Sequence[int]],
+                            temperature: float) -> list[list[float]]:
+    """log p(token) of each completion (after the same prompt) under one role."""
+    import torch
+
+    from rlhf.ppo import policy_forward
+    from rlhf.ppo_math import logprobs_from_logits
+    from rlhf.sampling import left_pad
+
+    width = max(len(r) for r in rows)
+    pad = stack.tokenizer.pad_token_id
+    query, query_mask = left_pad([list(prompt_ids)] * len(rows), pad)
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, :len(r)] = 1
+    ids = torch.cat([query, tokens], 1).to(stack.device)
+    attention = torch.cat([query_mask, mask], 1).to(stack.device)
+    with torch.no_grad(), stack.role(role):
+        logits, _ = policy_forward(stack, ids, attention, query.shape[1])
+    logp = logprobs_from_logits(logits, tokens.to(stack.device), temperature).cpu()
+    return [logp[i, :len(r)].tolist() for i, r in enumerate(rows)]
+
+
+def answer_pair(stack: Any, prompt: str, params: Any) -> DriftPair:
+    """The reference (base) and the version loaded by ``load_drift_version``
+    answer ``prompt``; each answer's tokens get their log-ratio. ``params`` is a
+    ``rlhf.sampling.SamplingParams``."""
+    from rlhf.sampling import chat_prompt_ids, generate
+
+    version = getattr(stack, "drift_version", None)
+    if version is None:
+        raise UserError("no policy version loaded for the drift view: pick one first")
+    prompt_ids = chat_prompt_ids(stack.tokenizer, prompt)
+    ref = generate(stack, [prompt_ids], params, role="base")[0]
+    pol = generate(stack, [prompt_ids], params, role=DRIFT_ADAPTER)[0]
+    rows = [ref.token_ids or [stack.tokenizer.eos_token_id], pol.token_ids or [stack.tokenizer.eos_token_id]]
+    under_policy = teacher_forced_logprobs(stack, DRIFT_ADAPTER, prompt_ids, rows, params.temperature)
+    under_ref = teacher_forced_logprobs(stack, "base", prompt_ids, rows, params.temperature)
+    answers = []
+    for i, (sample, version) in enumerate(((ref, REFERENCE_VERSION), (pol, version))):
+        n = len(sample.token_ids)
+        answers.append(DriftAnswer(
+            policy_version=version, text=sample.text, token_ids=sample.token_ids, logprobs=sample.logprobs,
+            finish_reason=sample.finish_reason, pieces=token_pieces(stack.tokenizer, sample.token_ids),
+            log_ratios=[p - r for p, r in zip(under_policy[i][:n], under_ref[i][:n])]))
+    return DriftPair(prompt, answers[0], answers[1])
+
+
+# --- blind labels --------------------------------------------------------------------
+
+
+@dataclass
+class BlindPair:
+    """Two stored answers in the order shown; which is which is in the store only."""
+
+    prompt_id: int
+    prompt: str
+    completion_ids: list[int]
+    answers: list[DriftAnswer]   # shown order; the screen must not show their versions
+
+
+def store_blind_pair(store: Store, pair: DriftPair, params: Any, rng: random.Random | None = None) -> BlindPair:
+    """Record both answers as completions (with their policy versions) and return
+    them in a random order for blind labeling."""
+    prompt_id = store.add_prompt(pair.prompt, source="probes")
+    answers = [pair.reference, pair.policy]
+    (rng or random.Random()).shuffle(answers)
+    rows = [{"text": a.text, "token_ids": a.token_ids, "n_tokens": len(a.token_ids),
+             "finish_reason": a.finish_reason, "policy_version": a.policy_version,
+             "temperature": params.temperature, "top_p": params.top_p,
+             "max_new_tokens": params.max_new_tokens, "logprobs": a.logprobs} for a in answers]
+    ids = store.add_completions(prompt_id, rows)
+    return BlindPair(prompt_id, pair.prompt, ids, answers)
+
+
+def label_blind_pair(store: Store, blind: BlindPair, winner: int | None, *, labeler: str | None = None,
+                     seconds: float | None = None) -> int:
+    """Record the labeler's pick: position 0 or 1 as shown, or None for a tie."""
+    if winner is None:
+        return record_label(store, blind.prompt_id, blind.completion_ids, "tie", None,
+                            labeler=labeler, seconds=seconds, purpose=PURPOSE)
+    return record_label(store, blind.prompt_id, blind.completion_ids, "best", [winner],
+                        labeler=labeler, seconds=seconds, purpose=PURPOSE)
+
+
+# --- win-rates and the reward beside them -------------------------------------------
+
+
+@dataclass
+class VersionDrift:
+    """One policy version against the reference: human labels and reward score."""
+
+    version: int
+    wins: int = 0
+    losses: int = 0
+    ties: int = 0
+    reward: float | None = None   # mean reward-model score of rollouts sampled from it
+    kl: float | None = None       # mean sequence KL of those rollouts
+
+    @property
+    def labels(self) -> int:
+        return self.wins + self.losses + self.ties
+
+    @property
+    def win_rate(self) -> float | None:
+        """(wins + ties / 2) / labels: a tie counts half a win."""
+        return (self.wins + 0.5 * self.ties) / self.labels if self.labels else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "wins": self.wins, "losses": self.losses, "ties": self.ties,
+                "labels": self.labels, "win_rate": self.win_rate, "reward": self.reward, "kl": self.kl}
+
+
+def win_counts(store: Store) -> dict[int, VersionDrift]:
+    """Wins, losses and ties of each policy version against the reference, from
+    the blind drift labels. Labels of 'skip' kind count nothing."""
+    out: dict[int, VersionDrift] = {}
+    for cmp in store.comparisons(purpose=PURPOSE):
+        completions = store.completions(cmp["completion_ids"])
+        versions = [c.policy_version for c in completions]
+        if len(versions) != 2 or versions.count(REFERENCE_VERSION) != 1 or None in versions:
+            continue  # not a policy-vs-reference pair
+        policy_pos = 0 if versions[0] != REFERENCE_VERSION else 1
+        row = out.setdefault(versions[policy_pos], VersionDrift(versions[policy_pos]))
+        if cmp["kind"] == "best" and cmp["choice"]:
+            if cmp["choice"][0] == policy_pos:
+                row.wins += 1
+            else:
+                row.losses += 1
+        elif cmp["kind"] in TIE_KINDS:
+            row.ties += 1
+    return out
+
+
+def reward_by_version(store: Store) -> dict[int, tuple[float, float]]:
+    """(mean score, mean KL) of the PPO rollout batch sampled from each version.
+
+    A checkpoint's meta holds the score of the batch that trained it, which was
+    sampled from its parent; so the parent's score is read there. The newest
+    version has no batch of its own until a session continues from it. Scores of
+    versions trained under different reward models are not comparable."""
+    out: dict[int, tuple[float, float]] = {}
+    for cp in store.checkpoints("policy"):
+        meta, parent = cp["meta"], cp["parent_version"]
+        if parent is not None and "rollout_score" in meta:
+            out[parent] = (float(meta["rollout_score"]), float(meta.get("kl", 0.0)))
+    return out
+
+
+def drift_table(store: Store) -> list[VersionDrift]:
+    """Every policy version (0 = reference included) with its labels and reward."""
+    counts = win_counts(store)
+    rewards = reward_by_version(store)
+    versions = sorted({REFERENCE_VERSION, *(cp["version"] for cp in store.checkpoints("policy")), *counts})
+    rows = []
+    for v in versions:
+        row = counts.get(v, VersionDrift(v))
+        if v in rewards:
+            row.reward, row.kl = rewards[v]
+        rows.append(row)
+    return rows
+
+
+def over_optimization(rows: Sequence[VersionDrift], margin: float = 0.1, min_labels: int = 3) -> list[str]:
+    """Warnings, in words, when the reward model and the human disagree:
+
+    - a later version scores higher with the reward model than the version humans
+      liked best, yet wins less often against the reference (by > ``margin``);
+    - a version the reward model ranks above the reference loses to it (< 0.5).
+    Only versions with at least ``min_labels`` labels are judged."""
+    judged = [r for r in rows if r.version != REFERENCE_VERSION and r.labels >= min_labels]
+    warnings: list[str] = []
+    if not judged:
+        return warnings
+    best = max(judged, key=lambda r: (r.win_rate or 0.0, -r.version))
+    for r in judged:
+        if (r.version > best.version and r.reward is not None and best.reward is not None
+                and r.reward > best.reward and (r.win_rate or 0.0) < (best.win_rate or 0.0) - margin):
+            warnings.append(
+                f"over-optimization: reward rose from {best.reward:.2f} (v{best.version}) to {r.reward:.2f} "
+                f"(v{r.version}) while the human win-rate fell from {best.win_rate:.0%} to {r.win_rate:.0%}: "
+                f"go back to v{best.version}, raise beta, or label more and retrain the reward model")
+    ref_reward = next((r.reward for r in rows if r.version == REFERENCE_VERSION), None)
+    for r in judged:
+        if (r.win_rate is not None and r.win_rate < 0.5 and r.reward is not None and ref_reward is not None
+                and r.reward > ref_reward):
+            warnings.append(
+                f"v{r.version} loses to the reference ({r.win_rate:.0%} win-rate over {r.labels} labels) though "
+                f"the reward model scores it higher ({r.reward:.2f} vs {ref_reward:.2f}): the reward model is "
+                "being exploited")
+    return warnings
