@@ -137,10 +137,10 @@ def answer_pair(stack: Any, prompt: str, params: Any) -> DriftPair:
     under_policy = teacher_forced_logprobs(stack, DRIFT_ADAPTER, prompt_ids, rows, params.temperature)
     under_ref = teacher_forced_logprobs(stack, "base", prompt_ids, rows, params.temperature)
     answers = []
-    for i, (sample, version) in enumerate(((ref, REFERENCE_VERSION), (pol, version))):
+    for i, (sample, answer_version) in enumerate(((ref, REFERENCE_VERSION), (pol, version))):
         n = len(sample.token_ids)
         answers.append(DriftAnswer(
-            policy_version=version, text=sample.text, token_ids=sample.token_ids, logprobs=sample.logprobs,
+            policy_version=answer_version, text=sample.text, token_ids=sample.token_ids, logprobs=sample.logprobs,
             finish_reason=sample.finish_reason, pieces=token_pieces(stack.tokenizer, sample.token_ids),
             log_ratios=[p - r for p, r in zip(under_policy[i][:n], under_ref[i][:n])]))
     return DriftPair(prompt, answers[0], answers[1])

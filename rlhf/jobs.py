@@ -159,6 +159,13 @@ def wait(store: Store, job_id: int, timeout_s: float = 600.0,
         time.sleep(POLL_S)
 
 
+def latest_job(store: Store, kind: str) -> dict[str, Any] | None:
+    """The job of a kind a screen should show: the active one, else the most recent."""
+    of_kind = store.jobs(kind)
+    active = [j for j in of_kind if j["status"] in ACTIVE_JOB_STATUSES]
+    return active[-1] if active else (of_kind[-1] if of_kind else None)
+
+
 def active_job(store: Store) -> dict[str, Any] | None:
     refresh(store)
     for job in reversed(store.jobs()):

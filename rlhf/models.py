@@ -202,7 +202,7 @@ def load_tokenizer(model_dir: str) -> Any:
 def load_base(model_dir: str, *, quantize: bool | None, device: torch.device) -> tuple[nn.Module, bool]:
     """The base causal LM, 4-bit NF4 when asked (or by default where it works).
     Returns (model, quantized)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     dtype = compute_dtype(device)
     want_4bit = bitsandbytes_works(device) if quantize is None else quantize

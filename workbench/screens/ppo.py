@@ -23,12 +23,13 @@ from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Label, 
 from textual_plotext import PlotextPlot
 
 from rlhf.errors import UserError
+from rlhf.store import ACTIVE_JOB_STATUSES
 
 if TYPE_CHECKING:
     from workbench.app import WorkbenchApp
 
 POLL_S = 1.0
-ACTIVE = ("queued", "running", "paused")
+ACTIVE = ACTIVE_JOB_STATUSES
 # (plot id, title, metric) for the plots over iterations.
 PLOTS = (("plot-score", "score", "objective/scores"), ("plot-kl", "KL (nats/seq)", "objective/kl"),
          ("plot-beta", "beta", "beta"), ("plot-entropy", "entropy", "objective/entropy"),
@@ -126,9 +127,7 @@ class PPOScreen(Screen[None]):
         job_id, after = self.job_id, self.last_step
         if self.job is not None and self.job["status"] in ACTIVE:
             jobs.refresh(store)  # a killed session shows as failed
-        ppo_jobs = store.jobs("ppo")
-        active = [j for j in ppo_jobs if j["status"] in ACTIVE]
-        latest = active[-1] if active else (ppo_jobs[-1] if ppo_jobs else None)
+        latest = jobs.latest_job(store, "ppo")
         if latest is not None and latest["id"] != job_id:
             job_id, after = latest["id"], 0
         snap = Snapshot(job=latest)

@@ -22,12 +22,13 @@ from textual.widgets import Button, Footer, Header, Label, ProgressBar, Select, 
 from textual_plotext import PlotextPlot
 
 from rlhf.errors import UserError
+from rlhf.store import ACTIVE_JOB_STATUSES
 
 if TYPE_CHECKING:
     from workbench.app import WorkbenchApp
 
 POLL_S = 1.0
-ACTIVE = ("queued", "running", "paused")
+ACTIVE = ACTIVE_JOB_STATUSES
 # Plotted series: (metric name, legend label), per plot.
 LOSS_SERIES = (("loss", "loss"),)
 ACCURACY_SERIES = (("accuracy", "accuracy"), ("eval/accuracy", "held-out accuracy"))
@@ -102,9 +103,7 @@ class TrainScreen(Screen[None]):
         job_id, after = self.job_id, self.last_step
         if job_id is not None and self.job is not None and self.job["status"] in ACTIVE:
             jobs.refresh(store)  # a killed job shows as failed
-        reward_jobs = store.jobs("reward")
-        active = [j for j in reward_jobs if j["status"] in ACTIVE]
-        latest = active[-1] if active else (reward_jobs[-1] if reward_jobs else None)
+        latest = jobs.latest_job(store, "reward")
         if latest is not None and latest["id"] != job_id:
             job_id, after = latest["id"], -1
         snap = Snapshot(job=latest, checkpoint=store.checkpoint("reward"))
