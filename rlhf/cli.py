@@ -106,9 +106,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             ids = ids[:args.limit]
         if not ids:
             raise UserError(f"no prompts to sample in {store.path}: add some with `rlhf prompts add FILE`")
-        options = model_options(args)
-        options.training = False  # sampling only: bitsandbytes' faster inference kernels
-        stack = load_stack(options, progress=say)
+        stack = load_stack(model_options(args), progress=say)
         if args.policy_version:
             checkpoint = store.checkpoint("policy", args.policy_version)
             assert checkpoint is not None

@@ -75,9 +75,6 @@ class ModelOptions:
     # None: CUDA when available, else CPU.
     device: str | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
-    # False: this stack only samples and scores (the app); 4-bit layers may then use
-    # bitsandbytes' faster CPU kernel, which has no backward (see _keep_4bit_differentiable).
-    training: bool = True
 
 
 # --- where the weights come from -------------------------------------------------
@@ -258,7 +255,7 @@ class ModelStack:
     """One base model with the named adapters of every RLHF role."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, device: torch.device, quantized: bool,
-                 lora: LoraSettings, model_dir: str, training: bool = True) -> None:
+                 lora: LoraSettings, model_dir: str) -> None:
         from peft import LoraConfig, get_peft_model
 
         self.tokenizer = tokenizer
@@ -270,7 +267,7 @@ class ModelStack:
                                       target_modules=lora.target_modules, task_type="CAUSAL_LM")
         for p in model.parameters():
             p.requires_grad_(False)
-        if quantized and training:
+        if quantized:
             _keep_4bit_differentiable(model)
         self.peft = get_peft_model(model, self.lora_config, adapter_name="policy")
         self.peft.eval()  # dropout off everywhere; we never call train()
@@ -443,7 +440,10 @@ def _keep_4bit_differentiable(model: nn.Module) -> None:
     time an eval-mode layer sees an input without grad (a rollout, a scoring pass).
     That kernel has no backward, so LoRA gradients through the frozen base come out
     wrong from then on (measured: 100% off, tests/test_ppo.py). Training needs the
-    differentiable path, so every 4-bit layer keeps it."""
+    differentiable path, so every 4-bit layer keeps it. Inference-only stacks keep it
+    too: with the repacked weights, an adapter loaded after the first forward pass
+    (loading a policy version, the drift view) made every role answer gibberish
+    (seen in the workbench; tests/test_embedded.py). Sampling costs about 1.4x more."""
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
@@ -467,7 +467,7 @@ def load_stack(options: ModelOptions | None = None, progress: Callable[[str], No
         model.resize_token_embeddings(len(tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     stack = ModelStack(model, tokenizer, device=device, quantized=quantized, lora=options.lora,
-                       model_dir=model_dir, training=options.training)
+                       model_dir=model_dir)
     say(f"ready ({'4-bit NF4' if quantized else str(compute_dtype(device)).replace('torch.', '')}, {device.type})")
     return stack
 

@@ -200,7 +200,8 @@ class Store:
     """One open database. Safe to share between the threads of one process."""
 
     def __init__(self, path: str | Path, *, migrate_to: int = SCHEMA_VERSION) -> None:
-        self.path = Path(path)
+        # Absolute: jobs and checkpoints resolve files beside it from any working directory.
+        self.path = Path(path).resolve()
         if not self.path.parent.exists():
             raise UserError(f"database folder {self.path.parent} does not exist: create it or pass another --db")
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
@@ -561,7 +562,11 @@ class Store:
 
     def add_checkpoint(self, kind: str, path: str | Path, *, job_id: int | None = None,
                        parent_version: int | None = None, meta: dict[str, Any] | None = None) -> int:
-        """Register a saved adapter as the next version of its kind; returns the version."""
+        """Register a saved adapter as the next version of its kind; returns the version.
+        A path beside the database is stored relative to it, so the two move together."""
+        path = Path(path).resolve()
+        if path.is_relative_to(self.path.parent):
+            path = path.relative_to(self.path.parent)
         with self._write(immediate=True) as db:
             last = db.execute("SELECT MAX(version) FROM checkpoints WHERE kind = ?", [kind]).fetchone()[0]
             version = (last or 0) + 1
@@ -575,6 +580,7 @@ class Store:
         rows = self._rows("SELECT * FROM checkpoints WHERE kind = ? ORDER BY version", [kind])
         for row in rows:
             row["meta"] = json.loads(row["meta"]) if row["meta"] else {}
+            row["path"] = str(self.path.parent / row["path"])  # an absolute path stays as it is
         return rows
 
     def checkpoint(self, kind: str, version: int | None = None) -> dict[str, Any] | None:

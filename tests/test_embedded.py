@@ -34,3 +34,24 @@ def test_a_gguf_file_is_converted_once_and_reused(tmp_path, monkeypatch):
     stamp = marker.stat().st_mtime_ns
     assert resolve_model_dir(str(gguf)) == first
     assert marker.stat().st_mtime_ns == stamp  # not converted again
+
+
+def test_an_adapter_loaded_after_sampling_leaves_the_4bit_base_intact(tmp_path):
+    """Loading a policy version or the drift view adds an adapter after the model has
+    sampled. With bitsandbytes' repacked CPU weights every role then answered
+    gibberish; the base must compute what it computed before."""
+    import torch
+
+    stack = load_stack(ModelOptions(device="cpu"))
+    ids = torch.tensor([stack.tokenizer("The capital of France is")["input_ids"]])
+    mask = torch.ones_like(ids)
+
+    def base_logits() -> torch.Tensor:
+        with torch.no_grad(), stack.role("base"):
+            return stack.logits(stack.hidden(ids, mask))
+
+    saved = stack.save_adapter("policy", tmp_path / "policy")
+    sample_k(stack, ["Say hello."], 1, SamplingParams(max_new_tokens=4, seed=0))
+    before = base_logits()
+    stack.load_adapter("drift", saved, heads=False)
+    assert torch.allclose(base_logits(), before, atol=1e-3)

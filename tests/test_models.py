@@ -88,3 +88,4 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 def test_loading_an_adapter_folder_without_weights_is_a_clear_error(tiny_stack, tmp_path):
     with pytest.raises(UserError, match="no saved adapter"):
         tiny_stack.load_adapter("policy", tmp_path)
+

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import replace
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,9 +91,7 @@ def run(args: argparse.Namespace, db_path: Path) -> int:
     pick_device(args.device)  # --device cuda without a GPU: one line now, not an error on screen later
     with Store(db_path) as store, AppLock(db_path):
         quiet_libraries()
-        # The app only samples and scores (training runs in jobs): inference-only kernels.
-        options = replace(model_options(args), training=False)
-        app = WorkbenchApp(store, k=args.k, labeler=args.labeler, model=options)
+        app = WorkbenchApp(store, k=args.k, labeler=args.labeler, model=model_options(args))
         app.run()
     return app.return_code or 0
 

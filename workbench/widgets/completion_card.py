@@ -55,6 +55,9 @@ class CompletionCard(VerticalScroll, can_focus=False):
         title = Text.assemble((f" {self.number} ", "bold reverse"))
         if self.rank is not None:
             title.append(f"  rank {self.rank} ", "bold")
+        if self.score is not None:
+            # In the title, not the subtitle: a narrow column cuts the subtitle first.
+            title.append(f"  score {self.score:+.2f} ", "bold")
         self.border_title = title
         c = self.completion
         if c is None:
@@ -65,8 +68,6 @@ class CompletionCard(VerticalScroll, can_focus=False):
             sub.append("CUT", "bold red")  # stopped at max_new_tokens without EOS
         else:
             sub.append(c.finish_reason)
-        if self.score is not None:
-            sub.append(f" · score {self.score:+.2f}", "bold")
         self.border_subtitle = sub
 
     def on_click(self, event: events.Click) -> None:
