@@ -348,7 +348,7 @@ async def test_status_line_counts_labels_and_pairs(store):
         screen.show_scores([0.5, -1.0, 0.0, 2.0])
         await pilot.pause()
         assert "71% of 7" in str(screen.query_one("#status").render())
-        assert "+0.50" in str(screen.query_one("#card-1").border_subtitle)
+        assert "score +0.50" in str(screen.query_one("#card-1").border_title)
 
 
 async def test_policy_version_picker_samples_from_the_chosen_version(store, tmp_path):
