@@ -117,6 +117,7 @@ class DriftScreen(Screen[None]):
         from rlhf.drift import probe_prompts
 
         self.probes = probe_prompts()
+        self._show()  # the empty panels say which key fills them
         self._status()
         self.refresh_table()
 
