@@ -24,6 +24,7 @@ from textual_plotext import PlotextPlot
 
 from rlhf.errors import UserError
 from rlhf.store import ACTIVE_JOB_STATUSES
+from workbench.job_follow import just_finished, merge_new_points
 
 if TYPE_CHECKING:
     from workbench.app import WorkbenchApp
@@ -145,15 +146,11 @@ class PPOScreen(Screen[None]):
         job = snap.job
         if job is not None and job["id"] != self.job_id:
             self.job_id, self.last_step, self.series, self.rollouts = job["id"], 0, {}, []
-        finished_now = (self.job is not None and job is not None and self.job["id"] == job["id"]
-                        and self.job["status"] in ACTIVE and job["status"] not in ACTIVE)
+        finished_now = just_finished(self.job, job)
         self.job, self.last_version = job, snap.last_version
-        fresh = {name: [(s, v) for s, v in points if s > self.last_step] for name, points in snap.new_metrics.items()}
-        fresh = {name: points for name, points in fresh.items() if points}
-        if fresh:
-            for name, points in fresh.items():
-                self.series.setdefault(name, []).extend(points)
-            self.last_step = max(step for points in fresh.values() for step, _ in points)
+        last_step = merge_new_points(self.series, snap.new_metrics, self.last_step)
+        if last_step is not None:
+            self.last_step = last_step
             self._draw()
         if snap.rollouts is not None and snap.rollouts != self.rollouts:
             self.rollouts = snap.rollouts
