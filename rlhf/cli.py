@@ -27,6 +27,14 @@ COMMAND_MODULES = ("exchange", "reward", "ppo", "drift")
 # --- shared option groups ----------------------------------------------------------
 
 
+def add_db_option(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """--db, the same for the CLI and the workbench."""
+    parser.add_argument(
+        "--db", type=Path, default=None,
+        help=f"database file (default: ./{DEFAULT_DB_NAME} when it exists, else {DEFAULT_DB_NAME} in the "
+             f"user's data directory, e.g. ~/.local/share/rlhf-workbench/){note}")
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--model / --no-4bit / --device, the same for every command that loads a model."""
     parser.add_argument("--model", default="embedded",
@@ -145,10 +153,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf", description="RLHF workbench, headless: prompts, sampling, labels, training.")
-    parser.add_argument(
-        "--db", type=Path, default=None,
-        help=f"database file (default: ./{DEFAULT_DB_NAME} when it exists, else {DEFAULT_DB_NAME} in the "
-             "user's data directory, e.g. ~/.local/share/rlhf-workbench/)")
+    add_db_option(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="create the database (and load the sample prompts)")

@@ -17,19 +17,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlhf.errors import UserError
-from rlhf.locations import DEFAULT_DB_NAME, default_db_path
+from rlhf.locations import default_db_path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rlhf.cli import add_model_options
+    from rlhf.cli import add_db_option, add_model_options
     from workbench.app import default_labeler
 
     parser = argparse.ArgumentParser(
         prog="workbench", description="RLHF workbench: label completions, train, watch the policy drift.")
-    parser.add_argument(
-        "--db", type=Path, default=None,
-        help=f"database file (default: ./{DEFAULT_DB_NAME} when it exists, else {DEFAULT_DB_NAME} in the "
-             "user's data directory); created, with the sample prompts, when missing")
+    add_db_option(parser, note="; created, with the sample prompts, when missing")
     add_model_options(parser)
     parser.add_argument("--k", type=_k, default=4, help="completions shown per prompt, 2 to 6 (default 4)")
     parser.add_argument("--labeler", default=default_labeler(),

@@ -20,17 +20,13 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from rlhf.errors import UserError
+from workbench.widgets.text import one_line
 
 if TYPE_CHECKING:
     from rlhf.reward import LabeledPairScore
     from workbench.app import WorkbenchApp
 
 SNIPPET = 48
-
-
-def snippet(text: str, width: int = SNIPPET) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
 class DisagreementsScreen(Screen[None]):
@@ -98,8 +94,8 @@ class DisagreementsScreen(Screen[None]):
         table = self.query_one(DataTable)
         table.clear()
         for i, row in enumerate(rows):
-            table.add_row(Text(f"{row.margin:+.2f}", style="bold red"), snippet(row.prompt, 40),
-                          snippet(row.chosen), snippet(row.rejected), key=str(i))
+            table.add_row(Text(f"{row.margin:+.2f}", style="bold red"), one_line(row.prompt, 40),
+                          one_line(row.chosen, SNIPPET), one_line(row.rejected, SNIPPET), key=str(i))
         version = getattr(getattr(self.app, "reward_scores", None), "version", None)
         agree = n_pairs - len(rows)
         self._status(f"reward v{version}: agrees with {agree} of {n_pairs} labeled pairs; "

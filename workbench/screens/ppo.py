@@ -25,6 +25,7 @@ from textual_plotext import PlotextPlot
 from rlhf.errors import UserError
 from rlhf.store import ACTIVE_JOB_STATUSES
 from workbench.job_follow import just_finished, merge_new_points
+from workbench.widgets.text import one_line
 
 if TYPE_CHECKING:
     from workbench.app import WorkbenchApp
@@ -48,11 +49,6 @@ class Snapshot:
     new_metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     rollouts: list[dict[str, Any]] | None = None
     last_version: int | None = None
-
-
-def clip_text(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 class PPOScreen(Screen[None]):
@@ -235,7 +231,7 @@ class PPOScreen(Screen[None]):
         table = self.query_one("#ppo-rollouts", DataTable)
         table.clear()
         for row in sorted(self.rollouts, key=lambda r: -r["score"]):
-            table.add_row(clip_text(row["prompt"], 40), clip_text(row["completion"], 80),
+            table.add_row(one_line(row["prompt"], 40), one_line(row["completion"], 80),
                           f"{row['score']:.3f}", f"{row['kl']:.2f}")
 
     # -- actions
