@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sampling.py
 	$(BIN)/python benchmarks/reward.py
 	$(BIN)/python benchmarks/ppo.py
+	$(BIN)/python benchmarks/loop.py
 
 clean:
 	rm -rf $(VENV)

@@ -94,15 +94,18 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     from rlhf.models import ModelOptions, load_stack
     from rlhf.ppo import PPOConfig, PPOSession
-    from rlhf.reward import RewardScorer
+    from rlhf.reward import Readout, RewardScorer
 
     torch.manual_seed(args.seed)
     stack = load_stack(ModelOptions(source="embedded", quantize=False, device=args.device))
     stack.ensure_adapter("reward")
     config = PPOConfig(batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, epochs=args.epochs,
                        max_new_tokens=args.response_length, temperature=TEMPERATURE, learning_rate=LR,
-                       beta=BETA, seed=args.seed, forward_batch_size=args.batch_size)
-    session = PPOSession(stack, RewardScorer(stack), prompts(4 * args.batch_size), config)
+                       beta=BETA, seed=args.seed, forward_batch_size=args.batch_size,
+                       missing_eos="subtract", missing_eos_penalty=1.0)  # TRL's missing_eos_penalty subtracts
+    # The last layer at EOS, as TRL's reward model reads (ours reads a third of the way up by default).
+    scorer = RewardScorer(stack, readout=Readout(layer=stack.depth, pool="eos"))
+    session = PPOSession(stack, scorer, prompts(4 * args.batch_size), config)
     times, tokens = [], []
     for i in range(1, args.iterations + 1):
         started = time.perf_counter()

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from rlhf.errors import UserError
 from rlhf.locations import DEFAULT_DB_NAME, default_db_path
+from rlhf.rules import BUILT_IN
 from rlhf.store import Store
 
 Handler = Callable[[argparse.Namespace], int]
 # Modules of rlhf/commands/, registered in this order.
-COMMAND_MODULES = ("exchange", "reward", "ppo", "drift")
+COMMAND_MODULES = ("exchange", "reward", "ppo", "drift", "evaluation")
 
 
 # --- shared option groups ----------------------------------------------------------
@@ -43,6 +44,21 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-4bit", dest="quantize", action="store_false", default=None,
                         help="load the base in full precision instead of 4-bit NF4")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """--temperature / --top-p / --max-new-tokens: how the policy answers. With
+    ``defaults`` an unset option takes rlhf.sampling.SamplingParams' value, else it
+    stays None (PPO then takes its reward model's definition)."""
+    from rlhf.sampling_params import SamplingParams
+
+    base = SamplingParams()
+    for flag, kind, value, about in (
+            ("--temperature", float, base.temperature, "sampling temperature"),
+            ("--top-p", float, base.top_p, "nucleus sampling mass (1.0 = the full distribution)"),
+            ("--max-new-tokens", int, base.max_new_tokens, "length budget in tokens")):
+        note = f"default {value}" if defaults else f"default: as the reward model's labels were sampled, else {value}"
+        parser.add_argument(flag, type=kind, default=value if defaults else None, help=f"{about} ({note})")
 
 
 def model_options(args: argparse.Namespace):  # -> ModelOptions, imported lazily (torch is slow to import)
@@ -135,6 +151,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from rlhf.preferences import label_by_rule
+    from rlhf.rules import parse_rule
+
+    rule = parse_rule(args.rule)
+    with open_db(args) as store:
+        if not store.pending_sets(args.k):
+            raise UserError(f"no comparisons waiting for a label in {store.path}: sample some first "
+                            "(`rlhf sample --k 4`)")
+        kinds = label_by_rule(store, rule, k=args.k, rank=args.rank, limit=args.limit)
+        pairs = len(store.pairs(labeler=rule.labeler))
+    done = sum(kinds.values())
+    parts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    print(f"labeled {done} comparisons as {rule.labeler} ({parts}); {pairs} pairs by this labeler in all")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     with open_db(args) as store:
         stats = store.stats()
@@ -173,13 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4, help="completions per prompt (default 4)")
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts")
     p.add_argument("--all", action="store_true", help="sample every prompt, labeled or not")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    add_sampling_options(p)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--policy-version", type=int, default=0, help="policy version to sample from (0 = base)")
     add_model_options(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("label", help="label the comparisons waiting for a label by a rule (a scripted labeler)",
+                       description="Label every sampled set of K completions not labeled yet, as a labeler "
+                                   "with a known taste would: the best of K (a tie where the top is shared). "
+                                   "Labels are recorded by the labeler rule:NAME and train the reward model "
+                                   "like your own. Rules: " + ", ".join(BUILT_IN) + ", or module:function "
+                                   "(yours: text in, number out); see rlhf/rules.py for what each prefers.")
+    p.add_argument("--rule", required=True, help="the taste, e.g. contains=you, more=!, fewer=\\bI\\b, mymod:score")
+    p.add_argument("--k", type=int, default=4, help="completions per comparison, as sampled (default 4)")
+    p.add_argument("--rank", action="store_true",
+                   help="rank all K where the rule tells them all apart (all C(K,2) pairs), else pick the best")
+    p.add_argument("--limit", type=int, default=None, help="at most this many comparisons")
+    p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("stats", help="counts of prompts, labels, pairs and versions")
     p.add_argument("--json", action="store_true", help="machine-readable output")

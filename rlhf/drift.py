@@ -23,7 +23,7 @@ from typing import Any
 
 from rlhf.errors import UserError
 from rlhf.preferences import record_label
-from rlhf.store import Store
+from rlhf.store import PROBE_SOURCE, Store
 
 PURPOSE = "drift"
 DRIFT_ADAPTER = "drift"   # the policy version under view, apart from the app's 'policy'
@@ -162,7 +162,7 @@ class BlindPair:
 def store_blind_pair(store: Store, pair: DriftPair, params: Any, rng: random.Random | None = None) -> BlindPair:
     """Record both answers as completions (with their policy versions) and return
     them in a random order for blind labeling."""
-    prompt_id = store.add_prompt(pair.prompt, source="probes")
+    prompt_id = store.add_prompt(pair.prompt, source=PROBE_SOURCE)
     answers = [pair.reference, pair.policy]
     (rng or random.Random()).shuffle(answers)
     rows = [{"text": a.text, "token_ids": a.token_ids, "n_tokens": len(a.token_ids),

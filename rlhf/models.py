@@ -344,10 +344,36 @@ class ModelStack:
             with self._keep_grad_flags():
                 self.peft.set_adapter(previous)
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states under the active adapter, in float32."""
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    @property
+    def depth(self) -> int:
+        """Decoder layers of the base model."""
+        return len(self.body.layers)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: int | None = None) -> torch.Tensor:
+        """Hidden states under the active adapter, in float32: after all decoder
+        layers, or after the first ``layers`` only (then the final norm), which
+        costs that fraction of a forward pass."""
+        with self._first_layers(layers):
+            out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state.float()
+
+    @contextmanager
+    def _first_layers(self, layers: int | None) -> Iterator[None]:
+        """Run the body through its first ``layers`` decoder layers: the decoders of
+        transformers loop over ``self.layers`` (Llama: its first config.num_hidden_layers),
+        so a shorter list is a shallower model with the same weights."""
+        body = self.body
+        full = body.layers
+        if layers is None or layers >= len(full):
+            yield
+            return
+        if layers < 1:
+            raise ValueError(f"layers must be at least 1, got {layers}")
+        body.layers = full[:layers]
+        try:
+            yield
+        finally:
+            body.layers = full
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden.to(self._dtype)).float()

@@ -68,6 +68,26 @@ def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
     return rewards, kl
 
 
+MISSING_EOS_MODES = ("off", "replace", "subtract")
+
+
+def penalize_missing_eos(scores: torch.Tensor, finished: torch.Tensor, mode: str = "off",
+                         penalty: float = 1.0) -> torch.Tensor:
+    """The score of a completion that never emitted EOS: ``off`` keeps the reward
+    model's (read at an appended EOS); ``replace`` makes it ``-penalty``
+    (lm-human-preferences: -1, where most short responses finished); ``subtract``
+    takes ``penalty`` off it, which keeps the reward model's ordering among the
+    unfinished. Finished completions keep their score."""
+    if mode == "off":
+        return scores
+    done = finished.to(device=scores.device, dtype=torch.bool)
+    if mode == "replace":
+        return torch.where(done, scores, torch.full_like(scores, -penalty))
+    if mode == "subtract":
+        return torch.where(done, scores, scores - penalty)
+    raise ValueError(f"unknown missing-EOS mode {mode!r}; expected one of {MISSING_EOS_MODES}")
+
+
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                 gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation over the completion tokens.
@@ -91,7 +111,9 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, max(-A*r, -A*clip(r, 1-c, 1+c)), masked mean.
-    Returns the loss and its statistics (ratio, clip fraction, approx KL)."""
+    Returns the loss and its statistics: the ratio's arithmetic and geometric mean
+    over tokens (a few tokens whose ratio blew up move the first, a collapse of
+    the whole minibatch the second), clip fraction, approx KL."""
     diff = logprobs - old_logprobs
     ratio = torch.exp(diff)
     loss1 = -advantages * ratio
@@ -102,6 +124,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
             "ratio": masked_mean(ratio, mask),
             "clipfrac": masked_mean((loss2 > loss1).float(), mask),
             "approxkl": 0.5 * masked_mean(diff ** 2, mask),
+            "ratio_geometric": torch.exp(masked_mean(diff, mask)),
         }
     return loss, stats
 

@@ -9,10 +9,12 @@ Each kind of answer is a small rule (after lm-human-preferences' label_types.py)
 
 from __future__ import annotations
 
+from collections import Counter
 from itertools import combinations
 from typing import Any
 
 from rlhf.errors import UserError
+from rlhf.rules import Rule, judge
 from rlhf.store import LABEL_KINDS, Store
 
 PAIRLESS_KINDS = ("tie", "all_bad", "skip")
@@ -58,3 +60,17 @@ def undo_last_label(store: Store, *, labeler: str | None = None,
     if last is not None:
         store.delete_comparison(last["id"])
     return last
+
+
+def label_by_rule(store: Store, rule: Rule, *, k: int = 4, rank: bool = False,
+                  limit: int | None = None) -> Counter[str]:
+    """Label every pending comparison (``Store.pending_sets``) as a labeler with the
+    rule's taste would: the best of K, a tie where the top is shared, or with
+    ``rank`` a full ranking where all K differ. Recorded as ordinary comparisons
+    by the labeler ``rule:NAME``. Returns how many labels of each kind."""
+    kinds: Counter[str] = Counter()
+    for prompt_id, shown in store.pending_sets(k)[:limit]:
+        verdict = judge([rule(c.text, c.token_ids or (), c.finish_reason == "eos") for c in shown], rank=rank)
+        record_label(store, prompt_id, [c.id for c in shown], verdict.kind, verdict.choice, labeler=rule.labeler)
+        kinds[verdict.kind] += 1
+    return kinds

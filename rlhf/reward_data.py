@@ -36,6 +36,8 @@ class Element:
     pairs: list[tuple[int, int]]        # (chosen, rejected) as indices into sequences
     kind: str = "pair"                  # 'best' | 'ranking' | 'pair' (imported or lone)
     pair_ids: list[int] = field(default_factory=list)  # store pair ids, for reports
+    completion_ids: list[int] = field(default_factory=list)  # store ids, one per sequence
+    lengths: list[int] = field(default_factory=list)         # completion tokens (EOS included), one per sequence
 
 
 def prompt_bucket(prompt: str) -> float:
@@ -47,11 +49,13 @@ def prompt_bucket(prompt: str) -> float:
 def split_by_prompt(elements: Sequence[Element], eval_fraction: float) -> tuple[list[Element], list[Element]]:
     """(train, held-out), never one prompt on both sides. With at least two prompts
     and a positive fraction, at least one prompt is held out, so small label sets
-    still get a held-out figure."""
+    still get a held-out figure, and at least one is trained on."""
     prompts = sorted({e.prompt for e in elements}, key=prompt_bucket)
     held = {p for p in prompts if prompt_bucket(p) < eval_fraction}
     if not held and eval_fraction > 0 and len(prompts) >= 2:
         held = {prompts[0]}
+    if len(held) == len(prompts) > 1:
+        held.discard(prompts[-1])
     return [e for e in elements if e.prompt not in held], [e for e in elements if e.prompt in held]
 
 
@@ -119,6 +123,7 @@ def store_elements(store: Store, tokenizer: Any, *, sources: str = "all", max_le
             prompt_cache[prompt] = chat_prompt_ids(tokenizer, prompt)
         index: dict[int, int] = {}
         sequences: list[list[int]] = []
+        lengths: list[int] = []
         pairs = []
         for row in group:
             for cid, text in ((row["chosen_id"], row["chosen"]), (row["rejected_id"], row["rejected"])):
@@ -126,10 +131,12 @@ def store_elements(store: Store, tokenizer: Any, *, sources: str = "all", max_le
                     index[cid] = len(sequences)
                     body = completion_tokens(tokenizer, text, token_cache.get(cid), max_tokens=max_completion_tokens)
                     sequences.append(join_prompt(prompt_cache[prompt], body, max_length))
+                    lengths.append(len(body))
             pairs.append((index[row["chosen_id"]], index[row["rejected_id"]]))
         kind = kinds.get(key[1], "pair") if key[0] == "cmp" else "pair"
         elements.append(Element(prompt=prompt, sequences=sequences, pairs=pairs, kind=kind,
-                                pair_ids=[r["pair_id"] for r in group]))
+                                pair_ids=[r["pair_id"] for r in group], completion_ids=list(index),
+                                lengths=lengths))
     return elements
 
 

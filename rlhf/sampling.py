@@ -16,26 +16,7 @@ from typing import Any
 import torch
 
 from rlhf.models import ModelStack
-
-
-@dataclass
-class SamplingParams:
-    """How completions are drawn. Defaults suit a 135M chat model on a CPU."""
-
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 64
-    # Sequences per generate call; bounds memory (logits are kept per step).
-    batch_size: int = 16
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (log-probs are computed from logits / temperature)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+from rlhf.sampling_params import SamplingParams  # noqa: F401  (re-exported: the definition lives there)
 
 
 @dataclass

@@ -40,6 +40,9 @@ ACTIVE_JOB_STATUSES = ("queued", "running", "paused")
 # 'import:<file name>'. A prompt the researcher added keeps its own source.
 IMPORT_SOURCE_PREFIX = "import:"
 _NOT_IMPORTED = f"(source IS NULL OR source NOT LIKE '{IMPORT_SOURCE_PREFIX}%')"
+# Source of the drift view's probe prompts: their answers are blind pairs of two
+# policy versions, never a set of one policy's samples to label.
+PROBE_SOURCE = "probes"
 
 
 def now() -> str:
@@ -355,6 +358,41 @@ class Store:
             sql += " AND policy_version = ?"
             params.append(policy_version)
         return [_completion(r) for r in self._rows(sql + " ORDER BY id", params)]
+
+    def pending_sets(self, k: int) -> list[tuple[int, list[Completion]]]:
+        """Sampled completions no comparison has shown yet, as the sets a labeler
+        would be shown: per prompt and policy version, runs of consecutive ids (one
+        sampling call stores its K in a row) cut into sets of ``k``; a shorter
+        rest of at least two is a set too. Oldest first. The drift view's blind
+        pairs (probe prompts) are not preference sets and never pend here."""
+        rows = self._rows(
+            "SELECT * FROM completions WHERE policy_version IS NOT NULL AND id NOT IN "
+            "(SELECT value FROM comparisons, json_each(comparisons.completion_ids)) AND prompt_id NOT IN "
+            "(SELECT id FROM prompts WHERE source = ?) ORDER BY prompt_id, id", [PROBE_SOURCE])
+        sets: list[tuple[int, list[Completion]]] = []
+        run: list[Completion] = []
+        for c in map(_completion, rows):
+            if run and (c.prompt_id != run[-1].prompt_id or c.policy_version != run[-1].policy_version
+                        or c.id != run[-1].id + 1 or len(run) == k):
+                sets.append((run[0].prompt_id, run))
+                run = []
+            run.append(c)
+        if run:
+            sets.append((run[0].prompt_id, run))
+        return sorted((s for s in sets if len(s[1]) >= 2), key=lambda s: s[1][0].id)
+
+    def sampling_definition(self, completion_ids: Iterable[int]) -> dict[str, Any] | None:
+        """How most of these completions were sampled (temperature, top-p, length
+        budget), or None when none was sampled here (imported text)."""
+        ids = sorted(set(completion_ids))
+        if not ids:
+            return None
+        marks = ", ".join("?" for _ in ids)
+        row = self._one(
+            "SELECT temperature, top_p, max_new_tokens, COUNT(*) AS n FROM completions "
+            f"WHERE id IN ({marks}) AND policy_version IS NOT NULL AND temperature IS NOT NULL "
+            "GROUP BY temperature, top_p, max_new_tokens ORDER BY n DESC LIMIT 1", ids)
+        return None if row is None else {k: row[k] for k in ("temperature", "top_p", "max_new_tokens")}
 
     # -- labels
 

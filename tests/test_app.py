@@ -236,6 +236,34 @@ async def test_command_palette_runs_actions(store):
     assert store.comparisons()[0]["kind"] == "all_bad"
 
 
+async def test_command_palette_labels_waiting_comparisons_by_a_rule(store):
+    from textual.widgets import Input
+
+    from workbench.screens.dialogs import RuleDialog
+
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        await shown(pilot, app)
+        await pilot.press("ctrl+p")
+        await pilot.press(*"label every waiting")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, RuleDialog))
+        await pilot.press(*"nonsense", "enter")
+        await wait_for(pilot, lambda: "unknown rule" in str(app.screen.query_one("#rule-error").render()))
+        app.screen.query_one(Input).value = "more=1\\b"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(store.comparisons()) >= 1)
+        await wait_for(pilot, lambda: not isinstance(app.screen, RuleDialog))
+    comparisons = store.comparisons()
+    assert {c["labeler"] for c in comparisons} == {"rule:more=1\\b"}
+    first = comparisons[0]  # the set with "answer 1 to ...": the only text the rule prefers
+    texts = [c.text for c in store.completions(first["completion_ids"])]
+    assert first["kind"] == "best" and texts[first["choice"][0]].startswith("answer 1 ")
+    labeled = [i for c in comparisons for i in c["completion_ids"]]
+    assert len(labeled) == len(set(labeled))  # each set labeled once
+
+
 # --- sampling ---------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import torch
 from rlhf import ppo_math as pm
 from rlhf.errors import UserError
 from rlhf.ppo import PPOConfig, PPOSession, prepare_stack, rule_scorer
+from rlhf.sampling import chat_prompt_ids
 
 PROMPTS = ["Say hello.", "What is 2 + 2?", "Write a poem about tea.", "Tell me a joke."]
 
@@ -273,6 +274,17 @@ def test_resume_without_a_checkpoint_is_a_clear_error(store, tiny_stack):
         prepare_stack(tiny_stack, store, {"resume": True})
 
 
+def test_a_session_on_a_rule_resumes_without_a_reward_model(store, tmp_path):
+    from rlhf.ppo import check_can_start
+
+    store.add_prompts(PROMPTS)
+    meta = {"reference_version": 0, "reward": "rule:distinct", "config": {}}
+    store.add_checkpoint("policy", tmp_path / "v1", parent_version=0, meta=meta)
+    check_can_start(store, {"resume": True, "iterations": 1})  # the session's own rule: nothing to train first
+    with pytest.raises(UserError, match="no reward model"):
+        check_can_start(store, {"iterations": 1})  # a new session needs one
+
+
 def test_stop_then_resume_continues_from_the_saved_version(store, db_path, tiny_dir):
     """The real thing: a background process, stopped after its first checkpoint,
     then resumed by a second job."""
@@ -344,8 +356,10 @@ async def test_ppo_screen_starts_pauses_stops_and_continues_a_session(store, tin
         assert latest["parent_version"] == stopped_at["version"]
         assert latest["meta"]["reference_version"] == 0
         # every plotted metric arrived, and the event loop stayed free
-        for name in ("objective/scores", "objective/kl", "beta", "objective/entropy", "policy/clipfrac"):
+        for name in ("objective/scores", "objective/kl", "beta", "objective/entropy", "policy/clipfrac",
+                     "val/completion_tokens", "val/eos_fraction"):
             assert screen.series[name]
+        assert "EOS 0%" in screen.status_text() and "length 4" in screen.status_text()
         await pilot.press("f1")
         await wait_for(pilot, lambda: not isinstance(app.screen, PPOScreen))
 
@@ -395,3 +409,205 @@ def test_4bit_lora_gradients_survive_a_rollout(tiny_dir):
         stack.hidden(ids, mask)  # what a rollout does
     after = lora_grads()
     assert torch.allclose(before, after, rtol=1e-4, atol=1e-6)
+
+
+# --- the reward PPO sees: normalization, missing EOS, one sampling definition -----------
+
+
+def test_missing_eos_settings():
+    scores, finished = torch.tensor([0.5, -0.2, 1.0]), torch.tensor([True, False, False])
+    assert pm.penalize_missing_eos(scores, finished, "off").tolist() == scores.tolist()
+    assert pm.penalize_missing_eos(scores, finished, "replace", 1.0).tolist() == [0.5, -1.0, -1.0]
+    assert pm.penalize_missing_eos(scores, finished, "subtract", 0.5).tolist() == pytest.approx([0.5, -0.7, 0.5])
+    with pytest.raises(UserError, match="unknown missing-EOS setting"):
+        PPOConfig(missing_eos="sometimes")
+
+
+@pytest.mark.parametrize("option", [{"lam": 1.5}, {"lam": -0.1}, {"gamma": 2.0}])
+def test_gae_settings_outside_0_1_are_refused(option):
+    with pytest.raises(UserError, match="GAE lambda and gamma must be in"):
+        PPOConfig(**option)
+
+
+def register_reward_model(stack, store, folder, **meta) -> int:
+    """The tiny stack's (random) reward adapter and head as a stored reward version."""
+    stack.ensure_adapter("reward")
+    meta = {"gain": 3.0, "bias": -2.0, **meta}
+    stack.save_adapter("reward", folder, meta=meta)
+    return store.add_checkpoint("reward", folder, meta=meta)
+
+
+def test_without_eos_the_reward_model_still_speaks_when_the_penalty_is_off(store, tiny_stack, tmp_path):
+    from rlhf.reward import load_scorer
+
+    register_reward_model(tiny_stack, store, tmp_path / "rm")
+    scorer = load_scorer(tiny_stack, store)
+    batch = PPOSession(tiny_stack, scorer, PROMPTS, small_config()).rollout(PROMPTS * 2)
+    assert not any(s.finish_reason == "eos" for s in batch.samples)  # a random tiny model never stops
+    # Normalized on this (first) batch, and each score is the reward model's own.
+    assert batch.scores.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert batch.scores.std().item() == pytest.approx(1.0, abs=1e-4)
+    prompt_rows = [chat_prompt_ids(tiny_stack.tokenizer, p) for p in batch.prompts]
+    again = scorer.score_ids(prompt_rows, [s.token_ids for s in batch.samples], [False] * len(batch.samples))
+    assert torch.allclose(batch.scores, again, atol=1e-4)
+    # The old way: every score the penalty, nothing left of the labels.
+    penalized = PPOSession(tiny_stack, scorer, PROMPTS, small_config(missing_eos="replace")).rollout(PROMPTS * 2)
+    assert penalized.scores.tolist() == [-1.0] * 8
+
+
+def test_a_session_normalizes_against_its_own_reference(store, db_path, tiny_dir, tiny_stack, tmp_path):
+    """Started from policy v1, the session's reference is v1, and its first batch
+    (v1's answers) scores mean 0, std 1 whatever the reward version's own
+    normalization; a resumed session keeps that normalization."""
+    register_reward_model(tiny_stack, store, tmp_path / "rm")
+    _perturb_policy(tiny_stack, 1)
+    tiny_stack.save_adapter("policy", tmp_path / "v1")
+    store.add_checkpoint("policy", tmp_path / "v1")
+    store.add_prompts(PROMPTS)
+    job = run_in_process(store, db_path, job_config(tiny_dir, reward=None, init_policy_version=1, iterations=1,
+                                                    batch_size=8, mini_batch_size=4))
+    assert job["status"] == "done", job["error"]
+    series = store.metrics(job["id"])
+    assert series["objective/scores"][0][1] == pytest.approx(0.0, abs=1e-4)
+    assert series["objective/scores_std"][0][1] == pytest.approx(1.0, abs=1e-4)
+    meta = store.checkpoint("policy")["meta"]
+    assert meta["reference_version"] == 1 and meta["reward"] == 1 and meta["norm_samples"] == 8
+    assert (meta["reward_gain"], meta["reward_bias"]) != (3.0, -2.0)
+
+    resumed = run_in_process(store, db_path, job_config(tiny_dir, reward=None, resume=True, iterations=1))
+    assert resumed["status"] == "done", resumed["error"]
+    after = store.checkpoint("policy")["meta"]
+    assert after["iteration"] == 2
+    assert (after["reward_gain"], after["reward_bias"]) == (meta["reward_gain"], meta["reward_bias"])
+
+
+def test_a_new_session_samples_as_its_reward_models_labels_were_sampled(store, tiny_stack, tmp_path):
+    from rlhf.ppo import sampling_mismatch, session_settings
+
+    register_reward_model(tiny_stack, store, tmp_path / "rm",
+                          sampling={"temperature": 0.9, "top_p": 0.8, "max_new_tokens": 5})
+    settings = session_settings(store, {"reward": None, "iterations": 1})
+    assert (settings["temperature"], settings["top_p"], settings["max_new_tokens"]) == (0.9, 0.8, 5)
+    assert sampling_mismatch(settings, store) is None
+    chosen = session_settings(store, {"reward": None, "max_new_tokens": 7})
+    assert chosen["max_new_tokens"] == 7 and chosen["temperature"] == 0.9
+    assert "max_new_tokens 7 (labels: 5)" in sampling_mismatch(chosen, store)
+    assert session_settings(store, {"reward": "rule:distinct"}).get("max_new_tokens") is None  # a rule: defaults
+
+
+# --- the divergence guard, after the last step too ----------------------------------------
+
+
+def poison_last_minibatch(monkeypatch, minibatches: int) -> None:
+    """Make the gradient infinite at the ``minibatches``-th minibatch: what a bad
+    step looks like before clip_grad_norm_ turns it into NaN weights."""
+    real = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def clip(params, max_norm, *args, **kwargs):
+        params = list(params)
+        calls.append(1)
+        if len(calls) == minibatches:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.fill_(float("inf"))
+        return real(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+
+
+def test_a_bad_last_minibatch_puts_the_iteration_back(tiny_stack, monkeypatch):
+    scorer = rule_scorer("rule:distinct", tiny_stack.tokenizer.eos_token_id, 6)
+    session = PPOSession(tiny_stack, scorer, PROMPTS, small_config())  # 2 epochs x 2 minibatches
+    session.iteration(1)
+    params = [p.detach().clone() for p in session.params]
+    moments = [v.clone() for s in session.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    poison_last_minibatch(monkeypatch, 4)  # counted from here: the last minibatch of iteration 2
+    with pytest.raises(UserError, match="diverged at iteration 2: the gradient norm is inf"):
+        session.iteration(2)
+    assert all(torch.equal(a, b) for a, b in zip(params, session.params))
+    restored = [v for s in session.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    assert all(torch.equal(a, b) for a, b in zip(moments, restored))
+
+
+def test_a_ratio_collapsing_on_the_last_minibatch_fails_too(tiny_stack, monkeypatch):
+    import rlhf.ppo_math
+
+    real, calls = rlhf.ppo_math.policy_loss, []
+
+    def policy_loss(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:  # the last of 2 epochs x 2 minibatches
+            stats = {**stats, "ratio_geometric": torch.tensor(0.01)}
+        return loss, stats
+
+    monkeypatch.setattr(rlhf.ppo_math, "policy_loss", policy_loss)
+    scorer = rule_scorer("rule:distinct", tiny_stack.tokenizer.eos_token_id, 6)
+    session = PPOSession(tiny_stack, scorer, PROMPTS, small_config())
+    before = [p.detach().clone() for p in session.params]
+    with pytest.raises(UserError, match="the ratio pi/pi_old fell to 0.01"):
+        session.iteration(1)
+    assert all(torch.equal(a, b) for a, b in zip(before, session.params))
+
+
+def spoil_last_step(session: PPOSession, steps: int, spoil) -> None:
+    """Apply ``spoil`` to the trained parameters right after the ``steps``-th
+    optimizer step: a step whose damage no check before it could see."""
+    real, calls = session.optimizer.step, []
+
+    def step(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == steps:
+            with torch.no_grad():
+                for p in session.params:
+                    spoil(p)
+        return result
+
+    session.optimizer.step = step
+
+
+def test_nan_weights_after_the_last_step_put_the_iteration_back(tiny_stack):
+    scorer = rule_scorer("rule:distinct", tiny_stack.tokenizer.eos_token_id, 6)
+    session = PPOSession(tiny_stack, scorer, PROMPTS, small_config())  # 2 epochs x 2 minibatches
+    before = [p.detach().clone() for p in session.params]
+    spoil_last_step(session, 4, lambda p: p.fill_(float("nan")))
+    with pytest.raises(UserError, match="a policy parameter is not finite after the update"):
+        session.iteration(1)
+    assert all(torch.equal(a, b) for a, b in zip(before, session.params))
+
+
+def test_a_last_step_that_blows_up_the_ratio_is_caught_after_it(peaked_stack):
+    scorer = rule_scorer("rule:distinct", peaked_stack.tokenizer.eos_token_id, 6)
+    session = PPOSession(peaked_stack, scorer, PROMPTS, small_config())
+    before = [p.detach().clone() for p in session.params]
+    spoil_last_step(session, 4, lambda p: p.add_(torch.randn_like(p) * 5.0))  # finite, but a different policy
+    with pytest.raises(UserError, match=r"the ratio pi/pi_old (reached|fell to)"):
+        session.iteration(1)
+    assert all(torch.equal(a, b) for a, b in zip(before, session.params))
+
+
+def test_a_collapsed_minibatch_is_seen_through_a_few_large_ratios():
+    old = torch.zeros(2, 3)
+    new = torch.tensor([[3.0, -4.0, -4.0], [-4.0, -4.0, -4.0]])  # one token up 20x, the rest down 55x
+    _, stats = pm.policy_loss(new, old, torch.ones(2, 3), torch.ones(2, 3))
+    assert float(stats["ratio"]) > 1 / 10  # the arithmetic mean hides the collapse
+    assert float(stats["ratio_geometric"]) == pytest.approx(math.exp(-17.0 / 6), rel=1e-5)
+
+
+def test_a_bad_last_minibatch_registers_no_version(store, db_path, tiny_dir, monkeypatch):
+    store.add_prompts(PROMPTS)
+    poison_last_minibatch(monkeypatch, 2 + 2)  # 1 epoch x 2 minibatches: the last of iteration 2
+    job = run_in_process(store, db_path, job_config(tiny_dir))
+    assert job["status"] == "failed"
+    assert "gradient norm is inf" in job["error"] and "nothing of this iteration was saved" in job["error"]
+    assert [c["version"] for c in store.checkpoints("policy")] == [1]  # iteration 1's, not the broken one
+
+
+def test_the_researcher_is_warned_when_the_penalty_drowns_the_labels():
+    from rlhf.ppo import penalty_warning
+
+    assert penalty_warning({"val/penalized_fraction": 0.0}) is None
+    assert penalty_warning({}) is None
+    assert "80% of the batch never emitted EOS" in penalty_warning({"val/penalized_fraction": 0.8})

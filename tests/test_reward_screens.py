@@ -15,8 +15,7 @@ from workbench.screens.train import TrainScreen
 from workbench.widgets.completion_card import CompletionCard
 from workbench.widgets.status_line import StatusLine
 
-TINY_JOB = {"lr": 2e-3, "batch_size": 8, "accum": 1, "eval_fraction": 0.25, "eval_every": 2,
-            "norm_samples": 8, "norm_max_new_tokens": 4, "norm_prompts": 4}
+TINY_JOB = {"lr": 2e-3, "batch_size": 8, "accum": 1, "eval_fraction": 0.25, "eval_every": 2}
 
 
 async def wait_slow(pilot, condition, timeout: float) -> None:
@@ -48,6 +47,8 @@ async def test_train_screen_cancels_then_trains_with_live_plots(store, tiny_stac
         await pilot.press("s")
         await wait_slow(pilot, lambda: screen.job["status"] == "done" and store.checkpoint("reward"), 120)
         await wait_slow(pilot, lambda: "reward v1" in str(screen.query_one("#train-status").render()), 10)
+        status = str(screen.query_one("#train-status").render())
+        assert "held-out accuracy" in status and "95% CI" in status and "score~length r" in status
         total = screen.job["total_steps"]
         assert [s for s, _ in screen.series["loss"]] == list(range(1, total + 1))
         assert screen.series["eval/accuracy"]
@@ -139,8 +140,12 @@ def test_status_line_says_why_a_job_failed_and_what_a_finished_one_gave():
     assert screen.status_text(Snapshot(job=failed)) == f"job 4 failed: {failed['error']}"
     done = {"id": 5, "status": "done", "step": 20, "total_steps": 20, "error": None}
     checkpoint = {"version": 2, "job_id": 5, "meta": {"eval_accuracy": 0.75, "eval_pairs": 40, "gain": 1.5,
-                                                      "bias": -0.25}}
+                                                      "bias": -0.25, "epochs": 312.0, "length_corr": 0.62, "eval_elements": 14,
+                                                      "labels_prefer_longer": 0.8, "length_pairs": 30}}
     text = screen.status_text(Snapshot(job=done, checkpoint=checkpoint, pairs_labeled=3))
-    assert text.startswith("reward v2 (job 5): held-out accuracy 0.75 on 40 pairs") and "bias -0.25" in text
+    # 40 pairs from 14 best-of-K comparisons: the interval is as wide as 14 draws make it.
+    assert text.startswith("reward v2 (job 5): held-out accuracy 0.75 on 40 pairs from 14 comparisons "
+                           "(95% CI 0.49-0.90), 312 epochs")
+    assert "score~length r +0.62, labels chose the longer in 80% of 30 pairs" in text
     running = {"id": 6, "status": "running", "step": 20, "total_steps": 20, "error": None}
-    assert "normalizing" in screen.status_text(Snapshot(job=running))
+    assert "scoring the labeled completions" in screen.status_text(Snapshot(job=running))

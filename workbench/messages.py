@@ -74,9 +74,10 @@ class CompletionsShown(Message):
 
 
 class LabelRecorded(Message):
-    """A label went into the store (bubbles to the app)."""
+    """A label went into the store (bubbles to the app); a scripted labeler's
+    batch of labels is one message with no single comparison id."""
 
-    def __init__(self, comparison_id: int, kind: str) -> None:
+    def __init__(self, comparison_id: int | None, kind: str) -> None:
         super().__init__()
         self.comparison_id = comparison_id
         self.kind = kind

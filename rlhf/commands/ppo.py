@@ -9,13 +9,16 @@ from typing import Any
 from rlhf.errors import UserError
 
 # What --wait prints per iteration: (metric, label, format).
-PROGRESS = (("objective/scores", "score", "{:.3f}"), ("objective/kl", "kl", "{:.3f}"), ("beta", "beta", "{:.4f}"),
+PROGRESS = (("objective/scores", "score", "{:.3f}"), ("objective/scores_std", "std", "{:.2f}"),
+            ("objective/kl", "kl", "{:.3f}"), ("beta", "beta", "{:.4f}"),
             ("objective/entropy", "entropy", "{:.1f}"), ("val/ratio", "ratio", "{:.3f}"),
-            ("policy/clipfrac", "clipfrac", "{:.2f}"), ("time/iteration_s", "s", "{:.1f}"))
+            ("policy/clipfrac", "clipfrac", "{:.2f}"), ("val/eos_fraction", "eos", "{:.2f}"),
+            ("val/completion_tokens", "len", "{:.1f}"), ("val/score_length_corr", "r(score,len)", "{:+.2f}"),
+            ("time/iteration_s", "s", "{:.1f}"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from rlhf.cli import add_model_options
+    from rlhf.cli import add_model_options, add_sampling_options
 
     p = sub.add_parser("ppo", help="run a short KL-regularized PPO session in the background",
                        description="Start (or with --resume, continue) a PPO session as a background job. "
@@ -32,12 +35,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="episodes per iteration (default 16)")
     p.add_argument("--mini-batch-size", type=int, default=None, help="sequences per optimizer step (default 4)")
     p.add_argument("--epochs", type=int, default=None, help="PPO epochs over each batch (default 4)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="completion length (default 32)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.7)")
+    add_sampling_options(p, defaults=False)
+    p.add_argument("--missing-eos", choices=("off", "replace", "subtract"), default=None,
+                   help="score of an answer that never emitted EOS: off = the reward model's (default: measured, "
+                        "most answers of the embedded model do not finish within the budget), replace = "
+                        "-penalty, subtract = score - penalty")
+    p.add_argument("--missing-eos-penalty", type=float, default=None, help="the penalty (default 1.0)")
     p.add_argument("--lr", dest="learning_rate", type=float, default=None, help="learning rate (default 1e-4)")
+    p.add_argument("--gae-lambda", dest="lam", type=float, default=None,
+                   help="GAE lambda: 1 gives every token the whole score, lower leans on the value head "
+                        "(default: see rlhf.ppo.PPOConfig)")
     p.add_argument("--reward", default=None,
-                   help="reward version (default: the latest), or a rule: rule:short, rule:token=ID, "
-                        "rule:distinct, rule:ids-below=N")
+                   help="reward version (default: the latest), or a rule optimized directly, e.g. rule:short, "
+                        "rule:distinct, rule:contains=WORD (see `rlhf label --help`)")
     p.add_argument("--policy-version", dest="init_policy_version", type=int, default=None,
                    help="policy version to start from (default: the latest; 0 = the base)")
     p.add_argument("--prompt-file", default=None, help="prompts from this file instead of the database")
@@ -58,8 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def session_config(args: argparse.Namespace) -> dict[str, Any]:
     """The job config from the options; unset options keep PPOConfig's defaults."""
     keys = ("iterations", "minutes", "beta", "adaptive_kl", "target_kl", "batch_size", "mini_batch_size", "epochs",
-            "max_new_tokens", "temperature", "learning_rate", "init_policy_version", "prompt_file", "save_every",
-            "seed")
+            "max_new_tokens", "temperature", "top_p", "missing_eos", "missing_eos_penalty", "learning_rate",
+            "lam", "init_policy_version", "prompt_file", "save_every", "seed")
     config: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.iterations is None and args.minutes is None:
         config["iterations"] = 10
@@ -75,15 +85,22 @@ def session_config(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_ppo(args: argparse.Namespace) -> int:
     from rlhf.cli import open_db, say
     from rlhf.locations import checkpoints_dir
-    from rlhf.ppo import PPOConfig, start_session
+    from rlhf.ppo import PPOConfig, check_can_start, sampling_mismatch, session_settings, start_session
 
     config = session_config(args)
-    PPOConfig.from_dict(config)  # bad values fail here, not in the background
     with open_db(args) as store:
+        check_can_start(store, config)
+        settings = session_settings(store, config)
+        ppo = PPOConfig.from_dict(settings)  # bad values fail here, not in the background
         job_id = start_session(store, config)
         what = "resumed" if args.resume else "started"
         log = checkpoints_dir(store.path) / f"job-{job_id}.log"
         print(f"PPO session {what}: job {job_id} (log: {log}); `rlhf ppo-control pause|resume|stop` controls it")
+        print(f"sampling: temperature {ppo.temperature}, top-p {ppo.top_p}, {ppo.max_new_tokens} new tokens; "
+              f"missing EOS: {ppo.missing_eos}" + (f" ({ppo.missing_eos_penalty})" if ppo.missing_eos != "off" else ""))
+        warning = sampling_mismatch(settings, store)
+        if warning:
+            say(f"warning: {warning}")
         if not args.wait:
             return 0
         job = follow(store, job_id, say)
@@ -97,6 +114,7 @@ def cmd_ppo(args: argparse.Namespace) -> int:
 def follow(store: Any, job_id: int, say: Any) -> dict[str, Any]:
     """Print each new iteration's metrics until the job ends; returns its row."""
     from rlhf import jobs
+    from rlhf.ppo import penalty_warning
 
     shown = [0]
 
@@ -106,6 +124,9 @@ def follow(store: Any, job_id: int, say: Any) -> dict[str, Any]:
             row = {name: v for name, values in series.items() for s, v in values if s == step}
             parts = [f"{label} {fmt.format(row[name])}" for name, label, fmt in PROGRESS if name in row]
             print(f"iteration {step}: " + "  ".join(parts), flush=True)
+            warning = penalty_warning(row)
+            if warning:
+                print(f"warning: {warning}", flush=True)
             shown[0] = step
 
     try:

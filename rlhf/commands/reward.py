@@ -20,19 +20,35 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train-reward", help="train a reward model on the recorded pairs (a background job)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, default=None, help="passes over the pairs (default 1: more overfits)")
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps instead of whole epochs")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate, decaying linearly to 0 (default 1e-4)")
-    p.add_argument("--batch-size", type=int, default=None, help="comparisons per forward pass (default 4)")
-    p.add_argument("--accum", type=int, default=None, help="forward passes per optimizer step (default 2)")
+    p.add_argument("--finetune", action="store_true", default=None,
+                   help="also train the reward LoRA adapter, after the head (slow on a CPU; for hundreds of "
+                        "labels and more: on tens it memorizes them)")
+    p.add_argument("--readout", choices=("mean", "eos"), default=None,
+                   help="what the head reads: the completion's hidden states averaged (default), or its EOS token's")
+    p.add_argument("--layer", type=int, default=None,
+                   help="read after this many decoder layers (default: a third of the depth)")
+    length.add_argument("--epochs", type=int, default=None,
+                        help="exactly this many passes over the pairs (default: as many as the held-out loss "
+                             "improves, up to --max-epochs)")
+    length.add_argument("--steps", type=int, default=None, help="exactly this many optimizer steps")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="most epochs early stopping may use (default 2000 head epochs, one step each; 8 with "
+                        "--finetune)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop after this many held-out evaluations without a better loss (default 50; 2 with "
+                        "--finetune)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate, decaying linearly to 0 (default 1e-3; 1e-4 with --finetune)")
+    p.add_argument("--batch-size", type=int, default=None, help="--finetune: comparisons per forward pass (default 4)")
+    p.add_argument("--accum", type=int, default=None, help="--finetune: forward passes per optimizer step (default 2)")
     p.add_argument("--sources", choices=("all", "label", "import"), default=None,
                    help="train on labeled pairs, imported pairs, or all (default all)")
     p.add_argument("--best-of-k", choices=("softmax", "pairwise"), default=None,
                    help="loss for best-of-K picks: softmax over the K rewards (default) or K-1 pairs")
-    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps (default 20)")
-    p.add_argument("--eval-fraction", type=float, default=None, help="fraction of prompts held out (default 0.1)")
-    p.add_argument("--norm-samples", type=int, default=None,
-                   help="reference samples for normalization to mean 0, std 1 (default 64)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="with --finetune: also evaluate every N steps within an epoch (default 20; "
+                        "the head alone is evaluated after every epoch)")
+    p.add_argument("--eval-fraction", type=float, default=None, help="fraction of prompts held out (default 0.2)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                    help="follow the job and print its progress (default); --no-wait returns at once")
@@ -51,10 +67,11 @@ def job_config(args: argparse.Namespace) -> dict[str, Any]:
     """The RewardConfig fields given on the command line (the rest keep their defaults)."""
     from rlhf.reward import RewardConfig
 
-    given = {"epochs": args.epochs, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
-             "accum": args.accum, "sources": args.sources, "best_of_k": args.best_of_k,
-             "eval_every": args.eval_every, "eval_fraction": args.eval_fraction,
-             "norm_samples": args.norm_samples, "seed": args.seed,
+    given = {"finetune": args.finetune, "readout": args.readout, "layer": args.layer,
+             "epochs": args.epochs, "steps": args.steps, "max_epochs": args.max_epochs, "patience": args.patience,
+             "lr": args.lr, "batch_size": args.batch_size, "accum": args.accum, "sources": args.sources,
+             "best_of_k": args.best_of_k, "eval_every": args.eval_every, "eval_fraction": args.eval_fraction,
+             "seed": args.seed,
              "model": args.model, "quantize": args.quantize, "device": args.device}
     config = {k: v for k, v in given.items() if v is not None}
     RewardConfig.from_dict(config)  # bad values fail here, before a process starts
@@ -70,6 +87,28 @@ def progress_line(job: dict[str, Any], metrics: dict[str, list[tuple[int, float]
     total = job["total_steps"] or "?"
     return (f"step {job['step']}/{total}  loss {last('loss')}  accuracy {last('accuracy')}  "
             f"held-out accuracy {last('eval/accuracy')}  margin {last('margin')}")
+
+
+def summary_lines(version: int, meta: dict[str, Any]) -> list[str]:
+    """What a finished reward job says: held-out accuracy with its count and
+    interval, how long it trained, and the length check."""
+    from rlhf.stats import rate_text
+
+    accuracy = meta.get("eval_accuracy")
+    held = (f"held-out accuracy {rate_text(accuracy, int(meta['eval_pairs']), independent=meta.get('eval_elements'))}"
+            if meta.get("eval_pairs") else "no held-out pairs (too few prompts): accuracy unknown")
+    kept = " (early stopping: kept step {best_step})".format(**meta) if meta.get("stopped_early") else ""
+    readout = meta.get("readout") or {}
+    how = (f"the head{' and the adapter' if meta.get('finetuned') else ''} on layer {readout.get('layer', '?')} "
+           f"({readout.get('pool', '?')} read-out)")
+    lines = [f"reward version {version} saved: {held}",
+             f"trained {how}: {meta.get('steps', 0)} steps, {meta.get('epochs', 0):.1f} epochs{kept}"]
+    corr, longer = meta.get("length_corr"), meta.get("labels_prefer_longer")
+    check = f"score~length r = {corr:+.2f}" if corr is not None else "score~length r = -"
+    if longer is not None:
+        check += f"; the labels chose the longer completion in {longer:.0%} of {meta.get('length_pairs')} pairs"
+    lines.append(check + " (near 0 and 50%: the taste is not length)")
+    return lines
 
 
 def cmd_train_reward(args: argparse.Namespace) -> int:
@@ -101,10 +140,9 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
             return 130
         if job["status"] == "done":
             checkpoint = store.checkpoint("reward")
-            meta = checkpoint["meta"] if checkpoint else {}
-            print(f"reward version {checkpoint['version'] if checkpoint else '?'} saved: held-out accuracy "
-                  f"{meta.get('eval_accuracy', float('nan')):.3f} on {meta.get('eval_pairs', 0)} pairs; "
-                  f"normalized with gain {meta.get('gain', 1):.3f}, bias {meta.get('bias', 0):.3f}")
+            assert checkpoint is not None
+            for line in summary_lines(checkpoint["version"], checkpoint["meta"]):
+                print(line)
             return 0
         reason = f": {job['error']}" if job["error"] else ""
         print(f"job {job_id} {job['status']}{reason}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """Small modal dialogs of the labeling screen: a prompt editor, the export
-form and the policy-version picker. Each returns its answer through ``dismiss``
+form, the policy-version picker and the rule of a scripted labeler. Each returns its answer through ``dismiss``
 (None when cancelled)."""
 
 from __future__ import annotations
@@ -145,6 +145,49 @@ class VersionPicker(ModalScreen[int | None]):
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         assert event.option.id is not None
         self.dismiss(int(event.option.id))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class RuleDialog(ModalScreen[str | None]):
+    """The rule a scripted labeler labels by (rlhf.rules); checked before it closes."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        from rlhf.rules import BUILT_IN
+
+        with Vertical(classes="dialog", id="rule-dialog"):
+            yield Label("Label every comparison waiting for a label, by a rule", classes="dialog-title")
+            yield Label(f"Built in: {', '.join(BUILT_IN)}; or module:function (text in, number out). "
+                        "Labels are recorded as rule:NAME.", classes="dialog-hint", markup=False)
+            yield Input(placeholder="e.g. contains=you   more=\\d   fewer=\\bI\\b", id="rule-text")
+            yield Label("", id="rule-error", classes="dialog-error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Label", variant="primary", id="label")
+                yield Button("Cancel (esc)", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self._submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self._submit() if event.button.id == "label" else self.action_cancel()
+
+    def _submit(self) -> None:
+        from rlhf.errors import UserError
+        from rlhf.rules import parse_rule
+
+        text = self.query_one(Input).value.strip()
+        try:
+            parse_rule(text)
+        except UserError as e:
+            self.query_one("#rule-error", Label).update(str(e))
+            return
+        self.dismiss(text)
 
     def action_cancel(self) -> None:
         self.dismiss(None)

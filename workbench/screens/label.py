@@ -35,7 +35,7 @@ from workbench.messages import (
     SamplingFailed,
     SamplingSkipped,
 )
-from workbench.screens.dialogs import PromptEditor
+from workbench.screens.dialogs import PromptEditor, RuleDialog
 from workbench.widgets.activity import Activity
 from workbench.widgets.completion_card import CompletionCard
 from workbench.widgets.prompt_list import PromptList
@@ -67,6 +67,8 @@ class LabelScreen(Screen[None]):
         Binding("a", "add_prompt", "Add", tooltip="Add a prompt"),
         Binding("e", "edit_prompt", "Edit", tooltip="Edit this prompt"),
         Binding("l", "toggle_list", "List", tooltip="Show or hide the prompt list"),
+        Binding("g", "label_by_rule", "Rule", show=False,
+                tooltip="Label every waiting comparison by a rule (a scripted labeler with a known taste)"),
         Binding("escape", "clear_ranking", "Clear ranking", show=False, tooltip="Clear a half-entered ranking"),
     ]
 
@@ -404,6 +406,41 @@ class LabelScreen(Screen[None]):
                         timeout=5)
             self.deck.step(1)
         else:
+            self.deck.go(nxt)
+        self.show_current()
+
+    def action_label_by_rule(self) -> None:
+        def chosen(spec: str | None) -> None:
+            if spec is not None:
+                self._label_by_rule(spec)
+
+        self.app.push_screen(RuleDialog(), chosen)
+
+    @work(thread=True, exclusive=True, group="rule-labels", exit_on_error=False)
+    def _label_by_rule(self, spec: str) -> None:
+        from rlhf.preferences import label_by_rule
+        from rlhf.rules import parse_rule
+
+        try:
+            kinds = label_by_rule(self.wb.store, parse_rule(spec), k=self.wb.k)
+        except UserError as e:
+            self.app.call_from_thread(self.notify, str(e), severity="error", timeout=8)
+            return
+        self.app.call_from_thread(self._rule_labeled, spec, dict(kinds))
+
+    def _rule_labeled(self, spec: str, kinds: dict[str, int]) -> None:
+        assert self.deck is not None
+        if not kinds:
+            self.notify("no comparisons are waiting for a label: sample first (r, or `rlhf sample`)",
+                        severity="warning", timeout=5)
+            return
+        parts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        self.notify(f"labeled {sum(kinds.values())} comparisons as rule:{spec} ({parts})", timeout=5)
+        self.post_message(LabelRecorded(None, "rule"))
+        self.deck.reload()
+        self._fill_list()
+        nxt = self.deck.next_unlabeled()
+        if nxt is not None and self.deck.is_labeled(self.deck.current_id or nxt):
             self.deck.go(nxt)
         self.show_current()
 

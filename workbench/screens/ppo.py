@@ -32,10 +32,18 @@ if TYPE_CHECKING:
 
 POLL_S = 1.0
 ACTIVE = ACTIVE_JOB_STATUSES
+# (metric, label, format) of the latest iteration in the status line, after the score.
+FIGURES = (("objective/kl", "KL", "{:.3g}"), ("beta", "beta", "{:.3g}"), ("val/ratio", "ratio", "{:.3g}"),
+           ("val/eos_fraction", "EOS", "{:.0%}"), ("val/completion_tokens", "length", "{:.0f}"),
+           ("val/score_length_corr", "score~length r", "{:+.2f}"))
 # (plot id, title, metric) for the plots over iterations.
 PLOTS = (("plot-score", "score", "objective/scores"), ("plot-kl", "KL (nats/seq)", "objective/kl"),
          ("plot-beta", "beta", "beta"), ("plot-entropy", "entropy", "objective/entropy"),
-         ("plot-clipfrac", "clip fraction", "policy/clipfrac"))
+         ("plot-clipfrac", "clip fraction", "policy/clipfrac"),
+         # Length, the first suspect of a hacked reward (Singhal et al. 2023), and
+         # how many answers finished: TRL's val/num_eos_tokens, as a fraction.
+         ("plot-length", "mean length (tokens)", "val/completion_tokens"),
+         ("plot-eos", "ended with EOS", "val/eos_fraction"))
 ROLLOUT_COLUMNS = ("prompt", "completion", "score", "KL")
 REWARD_CHOICES = (("reward model (latest)", ""), ("rule: short answers ending in EOS", "rule:short"),
                   ("rule: distinct tokens", "rule:distinct"))
@@ -184,7 +192,7 @@ class PPOScreen(Screen[None]):
         head = f"PPO job {job['id']} {job['status']}"
         if job["status"] == "queued" or (job["status"] == "running" and not self.series):
             return f"{head}: loading the model, the reward and the reference; sampling the first batch"
-        figures = self._latest_figures()
+        figures = self._latest_figures() + self._penalty_warning()
         if job["status"] == "paused":
             return f"{head} after iteration {job['step']}{figures}. r resumes, e stops."
         if job["status"] == "running":
@@ -196,13 +204,24 @@ class PPOScreen(Screen[None]):
             return f"{head} after iteration {job['step']}{version}. c continues it, s starts a new session."
         return f"{head} after iteration {job['step']}{version}{figures}. s starts another session."
 
+    def _latest(self) -> dict[str, float]:
+        """Each metric's value at the latest iteration that logged it."""
+        return {name: points[-1][1] for name, points in self.series.items() if points}
+
     def _latest_figures(self) -> str:
+        latest = self._latest()
         parts = []
-        for name, label in (("objective/scores", "score"), ("objective/kl", "KL"), ("beta", "beta"),
-                            ("val/ratio", "ratio")):
-            if self.series.get(name):
-                parts.append(f"{label} {self.series[name][-1][1]:.3g}")
+        if "objective/scores" in latest:  # its spread beside it: 0 ± 1 on a session's first batch
+            spread = f" ± {latest['objective/scores_std']:.2g}" if "objective/scores_std" in latest else ""
+            parts.append(f"score {latest['objective/scores']:.3g}{spread}")
+        parts += [f"{label} {fmt.format(latest[name])}" for name, label, fmt in FIGURES if name in latest]
         return ("  ·  " + "  ·  ".join(parts)) if parts else ""
+
+    def _penalty_warning(self) -> str:
+        from rlhf.ppo import penalty_warning
+
+        warning = penalty_warning(self._latest())
+        return f"\nWARNING: {warning}" if warning else ""
 
     def _draw(self) -> None:
         for plot_id, title, name in PLOTS:
@@ -265,11 +284,12 @@ class PPOScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="ppo-start", exit_on_error=False)
     def _start(self, config: dict[str, Any]) -> None:
-        from rlhf.ppo import PPOConfig, start_session
+        from rlhf.ppo import PPOConfig, sampling_mismatch, session_settings, start_session
 
         try:
             PPOConfig.from_dict(config)
             job_id = start_session(self.wb.store, config)
+            mismatch = sampling_mismatch(session_settings(self.wb.store, config), self.wb.store)
         except UserError as e:
             self.app.call_from_thread(self.notify, str(e), severity="error", timeout=8)
             return
@@ -279,6 +299,8 @@ class PPOScreen(Screen[None]):
             return
         what = "continuing the last session" if config.get("resume") else "started"
         self.app.call_from_thread(self.notify, f"PPO job {job_id} {what}")
+        if mismatch:
+            self.app.call_from_thread(self.notify, f"Warning: {mismatch}", severity="warning", timeout=12)
         self.app.call_from_thread(self.poll)
 
     def action_control(self, action: str) -> None:

@@ -22,6 +22,7 @@ from textual.widgets import Button, Footer, Header, Label, ProgressBar, Select, 
 from textual_plotext import PlotextPlot
 
 from rlhf.errors import UserError
+from rlhf.stats import rate_text
 from rlhf.store import ACTIVE_JOB_STATUSES
 from workbench.job_follow import just_finished, merge_new_points
 
@@ -33,6 +34,9 @@ ACTIVE = ACTIVE_JOB_STATUSES
 # Plotted series: (metric name, legend label), per plot.
 LOSS_SERIES = (("loss", "loss"),)
 ACCURACY_SERIES = (("accuracy", "accuracy"), ("eval/accuracy", "held-out accuracy"))
+# Epochs: 'auto' lets the held-out loss decide (early stopping); a number fixes them.
+AUTO = "auto"
+EPOCH_CHOICES = [("auto (held-out)", AUTO), *[(str(n), n) for n in (1, 2, 4, 8)]]
 
 
 @dataclass
@@ -44,6 +48,17 @@ class Snapshot:
     checkpoint: dict[str, Any] | None = None
     pairs_labeled: int = 0
     pairs_imported: int = 0
+
+
+def length_check(meta: dict[str, Any]) -> str:
+    """Length, the first suspect (Singhal et al. 2023): how the scores of the
+    labeled completions follow their length, and how often the labels chose the
+    longer one."""
+    corr, longer = meta.get("length_corr"), meta.get("labels_prefer_longer")
+    text = f"score~length r {corr:+.2f}" if corr is not None else "score~length r -"
+    if longer is not None:
+        text += f", labels chose the longer in {longer:.0%} of {meta.get('length_pairs', 0)} pairs"
+    return text
 
 
 class TrainScreen(Screen[None]):
@@ -74,7 +89,7 @@ class TrainScreen(Screen[None]):
             yield Select([("all", "all"), ("labeled", "label"), ("imported", "import")], value="all",
                          allow_blank=False, id="train-sources")
             yield Label("epochs", classes="train-label")
-            yield Select([(str(n), n) for n in (1, 2, 3)], value=1, allow_blank=False, id="train-epochs")
+            yield Select(EPOCH_CHOICES, value=AUTO, allow_blank=False, id="train-epochs")
             yield Button("Start", id="train-start", variant="primary")
             yield Button("Cancel", id="train-cancel", variant="error")
         yield ProgressBar(total=None, show_eta=True, id="train-progress")
@@ -162,7 +177,7 @@ class TrainScreen(Screen[None]):
             if job["status"] == "queued" or (job["step"] == 0 and job["status"] == "running"):
                 return f"{head}: loading the model and the pairs ({pairs})"
             if job["total_steps"] and job["step"] >= job["total_steps"]:
-                return f"{head}: trained {total} steps; normalizing on reference samples"
+                return f"{head}: trained {total} steps; scoring the labeled completions"
             return f"{head}: step {job['step']}/{total}{self._latest_figures()}"
         if job["status"] == "failed":
             return f"{head}: {job['error'] or 'no reason recorded'}"
@@ -172,9 +187,14 @@ class TrainScreen(Screen[None]):
         if checkpoint is None:
             return f"{head}. {pairs}."
         meta = checkpoint["meta"]
-        return (f"reward v{checkpoint['version']} (job {checkpoint['job_id']}): held-out accuracy "
-                f"{meta.get('eval_accuracy', float('nan')):.2f} on {meta.get('eval_pairs', 0)} pairs, "
-                f"normalized (gain {meta.get('gain', 1):.2f}, bias {meta.get('bias', 0):+.2f}). {pairs}.")
+        parts = [f"reward v{checkpoint['version']} (job {checkpoint['job_id']}): held-out accuracy "
+                 + rate_text(meta.get("eval_accuracy"), int(meta.get("eval_pairs", 0)),
+                             independent=meta.get("eval_elements"))]
+        if "epochs" in meta:
+            parts.append(f"{meta['epochs']:.0f} epochs")
+        if "length_corr" in meta:
+            parts.append(length_check(meta))
+        return ", ".join(parts) + f". {pairs}."
 
     def _latest_figures(self) -> str:
         parts = []
@@ -204,8 +224,9 @@ class TrainScreen(Screen[None]):
 
     def job_config(self) -> dict[str, Any]:
         """A RewardConfig dict: the chosen options and the app's base model."""
+        epochs = self.query_one("#train-epochs", Select).value
         config: dict[str, Any] = {"sources": self.query_one("#train-sources", Select).value,
-                                  "epochs": self.query_one("#train-epochs", Select).value}
+                                  "epochs": None if epochs == AUTO else epochs}
         options, stack = getattr(self.wb, "model_options", None), getattr(self.wb, "stack", None)
         if options is not None:
             config.update(model=options.source, quantize=options.quantize, device=options.device)

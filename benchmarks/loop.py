@@ -1,0 +1,159 @@
+"""The whole loop, headless, with a scripted labeler: does the policy learn the taste?
+
+    python benchmarks/loop.py [--rules RULE ...] [--prompts 60] [--iterations N] [--quick]
+
+For each rule (a known taste, rlhf.rules), on a fresh database and the embedded
+model, exactly as a user would run it with the `rlhf` command line:
+
+1. sample K = 4 completions for each of the first N training prompts
+   (sample_prompts/default.jsonl): `rlhf sample`;
+2. label them by the rule, best of 4 (a tie where the top is shared):
+   `rlhf label --rule RULE`, at most N comparisons;
+3. train a reward model on those labels: `rlhf train-reward --sources label`;
+4. run a PPO session against it: `rlhf ppo --wait`;
+5. the final policy and the reference answer the held-out prompts
+   (sample_prompts/heldout.jsonl, none of them trained on) K times each, and
+   every policy answer meets every reference answer by the rule, a tie counting
+   half: `rlhf eval-policy --rule RULE`.
+
+Prints the time of each stage, the reward model's held-out accuracy, PPO's score
+and KL per iteration, the win-rate with its interval and the KL per rule, and
+as its last line ``loop winrate=<lowest over the rules> kl=<highest>``.
+Defaults run two rules that are not about length, each with the product's own
+defaults except the PPO iteration count. Sized for two CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tastes that are not about length: the reader addressed as "you", and answers
+# with numbers in them. Both vary among the embedded model's answers to one
+# prompt, so best-of-4 labels mostly have a unique best.
+RULES = (r"more=\b(you|your)\b", r"more=\d")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rules", nargs="+", default=list(RULES), help="rules to run the loop for")
+    p.add_argument("--prompts", type=int, default=60, help="training prompts, one comparison each (default 60)")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=16, help="PPO iterations (default 16)")
+    p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to judge on (default all)")
+    p.add_argument("--reward-args", default="", help="extra `rlhf train-reward` options, quoted")
+    p.add_argument("--ppo-args", default="", help="extra `rlhf ppo` options, quoted")
+    p.add_argument("--sample-args", default="", help="extra `rlhf sample` and `rlhf eval-policy` options, quoted")
+    p.add_argument("--keep", type=Path, default=None, help="keep each rule's database under this folder")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 8 prompts, 2 iterations, 4 held-out prompts")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompts, args.iterations, args.eval_prompts = 8, 2, 4
+    return args
+
+
+def rlhf(db: Path, *argv: str) -> str:
+    """Run one `rlhf` command as a user would; its output is echoed and returned."""
+    cmd = [sys.executable, "-m", "rlhf.cli", "--db", str(db), *argv]
+    print("$ rlhf " + " ".join(argv), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out = proc.stdout
+    for line in out.splitlines():
+        print("  " + line, flush=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"`rlhf {' '.join(argv)}` failed with exit code {proc.returncode}")
+    return out
+
+
+def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
+    from rlhf.prompts import bundled_prompt_file, read_prompt_file
+    from rlhf.store import Store
+
+    db = folder / "loop.db"
+    train_file = folder / "train_prompts.txt"
+    train_file.write_text("\n".join(read_prompt_file(bundled_prompt_file()).prompts[:args.prompts]) + "\n")
+    times: dict[str, float] = {}
+
+    def stage(name: str, *argv: str) -> str:
+        started = time.monotonic()
+        out = rlhf(db, *argv)
+        times[name] = times.get(name, 0.0) + time.monotonic() - started
+        return out
+
+    stage("set-up", "init", "--no-samples")
+    stage("set-up", "prompts", "add", str(train_file))
+    stage("sample", "sample", "--k", str(args.k), "--seed", "0", *shlex.split(args.sample_args))
+    stage("label", "label", "--rule", rule, "--k", str(args.k), "--limit", str(args.prompts))
+    stage("reward", "train-reward", "--sources", "label", *shlex.split(args.reward_args))
+    stage("ppo", "ppo", "--iterations", str(args.iterations), "--wait", *shlex.split(args.ppo_args))
+    limit = ["--limit", str(args.eval_prompts)] if args.eval_prompts else []
+    out = stage("eval", "eval-policy", "--rule", rule, "--k", str(args.k), "--json", *limit,
+                *shlex.split(args.sample_args))
+    result = json.loads(out[out.index("{"):])
+    with Store(db) as store:
+        reward = store.checkpoint("reward")["meta"]
+        stats = store.stats()
+        job = store.jobs("ppo")[-1]
+        series = store.metrics(job["id"])
+    return {"rule": rule, "times": times, "reward": reward, "stats": stats, "series": series, "eval": result}
+
+
+def report(run: dict) -> None:
+    from rlhf.stats import rate_text
+
+    rule, reward, ev = run["rule"], run["reward"], run["eval"]
+    kinds = run["stats"]["comparisons_by_kind"]
+    print(f"\n### rule {rule}")
+    print("stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in run["times"].items())
+          + f"; total {sum(run['times'].values()) / 60:.1f} min")
+    print(f"labels: {run['stats']['comparisons']} comparisons ({', '.join(f'{n} {k}' for k, n in kinds.items())}), "
+          f"{run['stats']['pairs_labeled']} pairs")
+    held = rate_text(reward["eval_accuracy"], int(reward["eval_pairs"]), independent=reward.get("eval_elements"))
+    print(f"reward model: held-out accuracy {held}; "
+          f"{reward['steps']} steps, {reward['epochs']:.1f} epochs; score~length r = "
+          f"{reward['length_corr'] if reward['length_corr'] is None else round(reward['length_corr'], 2)}")
+    print(f"{'iteration':>9}  {'score':>6}  {'kl':>6}  {'eos':>4}  {'len':>5}  {'s':>5}")
+    by = {name: dict(points) for name, points in run["series"].items()}
+    for step in sorted(by.get("objective/scores", {})):
+        print(f"{step:>9}  {by['objective/scores'][step]:6.3f}  {by['objective/kl'][step]:6.2f}  "
+              f"{by['val/eos_fraction'][step]:4.2f}  {by['val/completion_tokens'][step]:5.1f}  "
+              f"{by['time/iteration_s'][step]:5.1f}")
+    print(f"held-out: win-rate {ev['winrate']:.3f} (95% CI {ev['winrate_low']:.2f}-{ev['winrate_high']:.2f}) over "
+          f"{ev['prompts']} prompts x {ev['k']}x{ev['k']} pairs; KL {ev['kl']:.2f} nats/seq; mean rule score "
+          f"{ev['policy_score']:.2f} (policy) vs {ev['against_score']:.2f} (reference)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    runs = []
+    for rule in args.rules:
+        with tempfile.TemporaryDirectory(prefix="rlhf-loop-") as tmp:
+            folder = args.keep / re.sub(r"\W+", "_", rule) if args.keep else Path(tmp)
+            folder.mkdir(parents=True, exist_ok=True)
+            runs.append(run_rule(rule, args, folder))
+        report(runs[-1])
+    print("\n| rule | comparisons | RM held-out acc | minutes | win-rate | KL |\n|---|---|---|---|---|---|")
+    for run in runs:
+        ev, reward = run["eval"], run["reward"]
+        print(f"| {run['rule']} | {run['stats']['comparisons']} | {reward['eval_accuracy']:.2f} "
+              f"({reward['eval_pairs']}) | {sum(run['times'].values()) / 60:.1f} | {ev['winrate']:.3f} | "
+              f"{ev['kl']:.2f} |")
+    print(f"loop winrate={min(r['eval']['winrate'] for r in runs):.3f} "
+          f"kl={max(r['eval']['kl'] for r in runs):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
