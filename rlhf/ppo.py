@@ -423,9 +423,8 @@ class PPOSession:
         with self.stack.role("policy"):
             logits, _ = policy_forward(self.stack, batch.ids[rows], batch.attention[rows], batch.context)
         logprobs = pm.logprobs_from_logits(logits, batch.tokens[rows], self.config.temperature)
-        diff, mask = logprobs - batch.logprobs[rows], batch.mask[rows]
-        self._check_ratio(iteration, float(torch.exp(pm.masked_mean(diff, mask))),
-                          float(pm.masked_mean(torch.exp(diff), mask)))
+        arithmetic, geometric = pm.ratio_means(logprobs, batch.logprobs[rows], batch.mask[rows])
+        self._check_ratio(iteration, float(geometric), float(arithmetic))
 
     def _check_state(self, iteration: int) -> None:
         """After the last step: every trained parameter and every optimizer moment finite."""
@@ -674,10 +673,8 @@ def store_prompts(store: Any) -> list[str]:
 
 def check_can_start(store: Any, config: dict[str, Any]) -> None:
     """The user errors a session would hit, found before a process is spawned."""
-    config = session_settings(store, config)  # a resumed session's own reward, prompts and end
-    if config.get("resume"):
-        resume_checkpoint(store)
-    elif config.get("init_policy_version"):
+    config = session_settings(store, config)  # resuming: its checkpoint (or "nothing to resume"), own reward
+    if not config.get("resume") and config.get("init_policy_version"):
         store.checkpoint("policy", config["init_policy_version"])  # raises when there is no such version
     spec = config.get("reward")
     if isinstance(spec, str) and spec.startswith("rule:"):

@@ -112,21 +112,31 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, max(-A*r, -A*clip(r, 1-c, 1+c)), masked mean.
     Returns the loss and its statistics: the ratio's arithmetic and geometric mean
-    over tokens (a few tokens whose ratio blew up move the first, a collapse of
-    the whole minibatch the second), clip fraction, approx KL."""
+    (``ratio_means``), clip fraction, approx KL."""
     diff = logprobs - old_logprobs
     ratio = torch.exp(diff)
     loss1 = -advantages * ratio
     loss2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     loss = masked_mean(torch.max(loss1, loss2), mask)
     with torch.no_grad():
+        arithmetic, geometric = ratio_means(logprobs, old_logprobs, mask)
         stats = {
-            "ratio": masked_mean(ratio, mask),
+            "ratio": arithmetic,
             "clipfrac": masked_mean((loss2 > loss1).float(), mask),
             "approxkl": 0.5 * masked_mean(diff ** 2, mask),
-            "ratio_geometric": torch.exp(masked_mean(diff, mask)),
+            "ratio_geometric": geometric,
         }
     return loss, stats
+
+
+@torch.no_grad()
+def ratio_means(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ratio pi/pi_old's arithmetic and geometric mean over the masked tokens:
+    a few tokens whose ratio blew up move the first, a collapse of the whole
+    minibatch the second."""
+    diff = logprobs - old_logprobs
+    return masked_mean(torch.exp(diff), mask), torch.exp(masked_mean(diff, mask))
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

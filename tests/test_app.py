@@ -82,6 +82,14 @@ async def shown(pilot, app: WorkbenchApp) -> LabelScreen:
     return screen
 
 
+async def run_command(pilot, search: str) -> None:
+    """Open the command palette, type ``search`` and run the first match."""
+    await pilot.press("ctrl+p")
+    await pilot.press(*search)
+    await pilot.pause(0.3)
+    await pilot.press("enter")
+
+
 # --- start-up ------------------------------------------------------------------------
 
 
@@ -228,10 +236,7 @@ async def test_command_palette_runs_actions(store):
     app = make_app(store)
     async with app.run_test() as pilot:
         await shown(pilot, app)
-        await pilot.press("ctrl+p")
-        await pilot.press(*"all bad")
-        await pilot.pause(0.3)
-        await pilot.press("enter")
+        await run_command(pilot, "all bad")
         await wait_for(pilot, lambda: len(store.comparisons()) == 1)
     assert store.comparisons()[0]["kind"] == "all_bad"
 
@@ -244,10 +249,7 @@ async def test_command_palette_labels_waiting_comparisons_by_a_rule(store):
     app = make_app(store)
     async with app.run_test() as pilot:
         await shown(pilot, app)
-        await pilot.press("ctrl+p")
-        await pilot.press(*"label every waiting")
-        await pilot.pause(0.3)
-        await pilot.press("enter")
+        await run_command(pilot, "label every waiting")
         await wait_for(pilot, lambda: isinstance(app.screen, RuleDialog))
         await pilot.press(*"nonsense", "enter")
         await wait_for(pilot, lambda: "unknown rule" in str(app.screen.query_one("#rule-error").render()))
