@@ -11,64 +11,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from rlhf.cli_options import Parser, add_db_option, add_model_options, add_sampling_options, at_least, model_options
 from rlhf.errors import UserError
-from rlhf.locations import DEFAULT_DB_NAME, default_db_path
+from rlhf.locations import default_db_path
 from rlhf.rules import BUILT_IN
 from rlhf.store import Store
+from rlhf.text_input import error_summary
+
+if TYPE_CHECKING:
+    from rlhf.prompts import PromptFile
 
 Handler = Callable[[argparse.Namespace], int]
 # Modules of rlhf/commands/, registered in this order.
 COMMAND_MODULES = ("exchange", "reward", "ppo", "drift", "evaluation")
 
 
-# --- shared option groups ----------------------------------------------------------
-
-
-def add_db_option(parser: argparse.ArgumentParser, note: str = "") -> None:
-    """--db, the same for the CLI and the workbench."""
-    parser.add_argument(
-        "--db", type=Path, default=None,
-        help=f"database file (default: ./{DEFAULT_DB_NAME} when it exists, else {DEFAULT_DB_NAME} in the "
-             f"user's data directory, e.g. ~/.local/share/rlhf-workbench/){note}")
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model / --no-4bit / --device, the same for every command that loads a model."""
-    parser.add_argument("--model", default="embedded",
-                        help="base model: 'embedded' (SmolLM2-135M-Instruct, the default), a model "
-                             "directory, a .gguf file, or a hub id")
-    parser.add_argument("--no-4bit", dest="quantize", action="store_false", default=None,
-                        help="load the base in full precision instead of 4-bit NF4")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
-
-
-def add_sampling_options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
-    """--temperature / --top-p / --max-new-tokens: how the policy answers. With
-    ``defaults`` an unset option takes rlhf.sampling.SamplingParams' value, else it
-    stays None (PPO then takes its reward model's definition)."""
-    from rlhf.sampling_params import SamplingParams
-
-    base = SamplingParams()
-    for flag, kind, value, about in (
-            ("--temperature", float, base.temperature, "sampling temperature"),
-            ("--top-p", float, base.top_p, "nucleus sampling mass (1.0 = the full distribution)"),
-            ("--max-new-tokens", int, base.max_new_tokens, "length budget in tokens")):
-        note = f"default {value}" if defaults else f"default: as the reward model's labels were sampled, else {value}"
-        parser.add_argument(flag, type=kind, default=value if defaults else None, help=f"{about} ({note})")
-
-
-def model_options(args: argparse.Namespace):  # -> ModelOptions, imported lazily (torch is slow to import)
-    from rlhf.models import ModelOptions
-
-    return ModelOptions(source=args.model, quantize=args.quantize, device=args.device)
-
-
-def open_db(args: argparse.Namespace) -> Store:
-    return Store(args.db)
+def open_db(args: argparse.Namespace, *, create: bool = False) -> Store:
+    """The --db database. Only `init` creates one: elsewhere a mistyped path
+    must not quietly become a new, empty database."""
+    return Store(args.db, create=create)
 
 
 def say(msg: str) -> None:
@@ -81,35 +48,30 @@ def say(msg: str) -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     from rlhf.prompts import bundled_prompt_file
 
-    with open_db(args) as store:
+    with open_db(args, create=True) as store:
         added = 0
         if args.with_samples and not store.prompts():
-            added = _add_prompt_file(store, bundled_prompt_file())
+            added, _, _ = add_prompt_file(store, bundled_prompt_file())
         print(f"database {store.path} ready (schema {store.schema_version}); {added} sample prompts added")
     return 0
 
 
-def _add_prompt_file(store: Store, path: Path | str) -> int:
+def add_prompt_file(store: Store, path: Path | str) -> tuple[int, int, PromptFile]:
+    """Read a prompt file (before touching the store), report its first bad
+    lines, add the good prompts. Returns (added, already there, what was read)."""
     from rlhf.prompts import read_prompt_file
 
     parsed = read_prompt_file(path)
-    for error in parsed.errors:
-        say(f"skipped {error}")
+    for line in error_summary(parsed.errors):
+        say(line)
     added, existing = store.add_prompts(parsed.prompts, source=str(path), meta=parsed.meta)
-    if existing:
-        say(f"{existing} prompts were already in the database")
-    return added
+    return added, existing, parsed
 
 
 def cmd_prompts_add(args: argparse.Namespace) -> int:
-    from rlhf.prompts import read_prompt_file
-
     with open_db(args) as store:
-        parsed = read_prompt_file(args.file)
-        for error in parsed.errors:
-            say(f"skipped {error}")
-        added, existing = store.add_prompts(parsed.prompts, source=str(args.file), meta=parsed.meta)
-        print(f"added {added} prompts ({existing} already there, {len(parsed.errors)} bad lines skipped)")
+        added, existing, parsed = add_prompt_file(store, args.file)
+    print(f"added {added} prompts ({existing} already there, {len(parsed.errors)} bad lines skipped)")
     return 1 if parsed.errors and not parsed.prompts else 0
 
 
@@ -169,7 +131,10 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from rlhf.jobs import refresh
+
     with open_db(args) as store:
+        refresh(store)  # a killed job is not active, whatever its row last said
         stats = store.stats()
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -180,11 +145,35 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from rlhf.jobs import log_path, refresh
+
+    with open_db(args) as store:
+        refresh(store)
+        rows = [{"id": j["id"], "kind": j["kind"], "status": j["status"], "step": j["step"],
+                 "total_steps": j["total_steps"], "started_at": j["started_at"], "finished_at": j["finished_at"],
+                 "error": j["error"], "log": str(log_path(store.path, j["id"]))} for j in store.jobs()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no jobs yet: `rlhf train-reward` and `rlhf ppo` start them")
+        return 0
+    for job in rows:
+        when = " to ".join(s[:19].replace("T", " ") for s in (job["started_at"], job["finished_at"]) if s)
+        print(f"job {job['id']}  {job['kind']:<6}  {job['status']:<9}  step {job['step']}/{job['total_steps'] or '?'}"
+              f"  {when or 'not started'}")
+        if job["error"]:
+            print(f"    reason: {job['error']}")
+        print(f"    log: {job['log']}")
+    return 0
+
+
 # --- the parser --------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="rlhf", description="RLHF workbench, headless: prompts, sampling, labels, training.")
     add_db_option(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -203,12 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prompts_list)
 
     p = sub.add_parser("sample", help="sample K completions for prompts not yet labeled")
-    p.add_argument("--k", type=int, default=4, help="completions per prompt (default 4)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many prompts")
+    p.add_argument("--k", type=at_least(2), default=4, help="completions per prompt (default 4; at least 2 to compare)")
+    p.add_argument("--limit", type=at_least(1), default=None, help="at most this many prompts")
     p.add_argument("--all", action="store_true", help="sample every prompt, labeled or not")
     add_sampling_options(p)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--policy-version", type=int, default=0, help="policy version to sample from (0 = base)")
+    p.add_argument("--policy-version", type=at_least(0), default=0, help="policy version to sample from (0 = base)")
     add_model_options(p)
     p.set_defaults(func=cmd_sample)
 
@@ -219,11 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "like your own. Rules: " + ", ".join(BUILT_IN) + ", or module:function "
                                    "(yours: text in, number out); see rlhf/rules.py for what each prefers.")
     p.add_argument("--rule", required=True, help="the taste, e.g. contains=you, more=!, fewer=\\bI\\b, mymod:score")
-    p.add_argument("--k", type=int, default=4, help="completions per comparison, as sampled (default 4)")
+    p.add_argument("--k", type=at_least(2), default=4, help="completions per comparison, as sampled (default 4)")
     p.add_argument("--rank", action="store_true",
                    help="rank all K where the rule tells them all apart (all C(K,2) pairs), else pick the best")
-    p.add_argument("--limit", type=int, default=None, help="at most this many comparisons")
+    p.add_argument("--limit", type=at_least(1), default=None, help="at most this many comparisons")
     p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("jobs", help="background jobs (reward training, PPO): status, reason for a failure, log")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("stats", help="counts of prompts, labels, pairs and versions")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -264,6 +257,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"rlhf: error: {e}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as e:
+        # What the checks on opening cannot foresee: another writer holding the
+        # database past the busy timeout, a full disk, damage in pages a quick
+        # check does not read.
+        if "locked" in str(e):
+            remedy = "another process kept it busy for 30 s; try again when it is done"
+        else:
+            remedy = "check the disk, and the file with `sqlite3 FILE 'PRAGMA integrity_check'`"
+        print(f"rlhf: error: the database {args.db} failed ({e}): {remedy}; what was committed before is kept",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rlhf: interrupted; everything recorded so far is kept", file=sys.stderr)

@@ -32,6 +32,7 @@ from typing import Any
 
 from rlhf.errors import UserError
 from rlhf.store import IMPORT_SOURCE_PREFIX, Store
+from rlhf.text_input import decode_text, split_lines, text_problem
 
 FORMATS = ("trl", "parquet", "hf")
 # Extra columns each exported row carries unless metadata=False.
@@ -156,12 +157,24 @@ def parse_row(row: Any) -> tuple[PreferencePair | None, str | None]:
         pair, error = _conversational_pair(prompt, chosen, rejected)
     else:
         return None, "prompt, chosen and rejected must all be text or all be message lists"
-    if pair is not None:
-        if not pair.prompt.strip():
-            return None, "the prompt is empty"
-        if pair.chosen == pair.rejected:
-            return None, "chosen and rejected are the same text"
-    return pair, error
+    if pair is None:
+        return None, error
+    problem = pair_problem(pair)
+    return (None, problem) if problem else (pair, None)
+
+
+def pair_problem(pair: PreferencePair) -> str | None:
+    """Why a parsed pair cannot be stored as a preference, or None."""
+    if not pair.prompt.strip():
+        return "the prompt is empty"
+    for name in ("prompt", "chosen", "rejected"):
+        problem = text_problem(getattr(pair, name), name)
+        if problem:
+            return problem
+    if pair.chosen.split() == pair.rejected.split():
+        # Nothing a reward model could learn, and nothing a labeler could see.
+        return "chosen and rejected are the same text (up to whitespace)"
+    return None
 
 
 def _conversational_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[PreferencePair | None, str | None]:
@@ -201,6 +214,10 @@ def _implicit_pair(chosen: Any, rejected: Any) -> tuple[PreferencePair | None, s
         # space that follows the colon.
         end = cut + len(ASSISTANT)
         return PreferencePair(chosen[:end], chosen[end:].strip(), rejected[end:].strip()), None
+    if any(text.lstrip().startswith(HUMAN.strip()) for text in (chosen, rejected)):
+        # A transcript cut at a common prefix would split mid-word.
+        return None, ("an HH transcript with no shared '\\n\\nAssistant:' turn: the prompt and the answers "
+                      "cannot be told apart; give the row a 'prompt' field")
     # Other implicit-prompt text: TRL's extract_prompt (the common prefix, minus a
     # trailing space, which stays with the completions).
     if shared and chosen[shared - 1] == " ":
@@ -224,12 +241,11 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     opener = gzip.open if path.suffix.lower() == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from e
+        with opener(path, "rb") as f:
+            data = f.read()
     except (OSError, EOFError) as e:
         raise UserError(f"cannot read {path} ({e}): check the file") from e
+    text = decode_text(data, path)
     if text.lstrip().startswith("["):
         # A whole-file JSON list (as `datasets` .to_json(lines=False) writes).
         try:
@@ -240,7 +256,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
             for number, row in enumerate(rows, start=1):
                 yield f"{path.name}:item {number}", row
             return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         try:

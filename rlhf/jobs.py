@@ -120,8 +120,7 @@ def start_job(store: Store, kind: str, config: dict[str, Any], *, total_steps: i
     if kind not in RUNNERS:
         raise UserError(f"unknown job kind {kind!r}: one of {', '.join(RUNNERS)}")
     job_id = store.create_job(kind, config, total_steps=total_steps, is_alive=process_alive)
-    log_path = checkpoints_dir(store.path) / f"job-{job_id}.log"
-    with open(log_path, "ab") as log_file:
+    with open(log_path(store.path, job_id), "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "rlhf.jobs", str(store.path), str(job_id)],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -130,6 +129,11 @@ def start_job(store: Store, kind: str, config: dict[str, Any], *, total_steps: i
         )
     store.update_job(job_id, pid=proc.pid)
     return job_id
+
+
+def log_path(db_path: Path, job_id: int) -> Path:
+    """Where a job's output goes (its traceback, when it crashed)."""
+    return checkpoints_dir(db_path) / f"job-{job_id}.log"
 
 
 def request(store: Store, job_id: int, action: str) -> None:
@@ -184,7 +188,7 @@ def _runner(kind: str) -> Callable[[JobContext], None]:
 
 def run(db_path: Path, job_id: int) -> int:
     """Run one job to its end in this process; returns the exit code."""
-    store = Store(db_path)
+    store = Store(db_path, create=False)  # a job never starts a database of its own
     job = store.job(job_id)
     store.update_job(job_id, status="running", pid=os.getpid(), started_at=now(), heartbeat_at=now())
     ctx = JobContext(store=store, job_id=job_id, config=job["config"], db_path=Path(db_path))

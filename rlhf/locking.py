@@ -22,7 +22,8 @@ from rlhf.errors import UserError
 
 
 def lock_path(db_path: str | Path) -> Path:
-    db_path = Path(db_path)
+    # The real file, symlinks resolved: two names for one database share one lock.
+    db_path = Path(db_path).resolve()
     return db_path.with_name(db_path.name + ".lock")
 
 
@@ -30,7 +31,7 @@ class AppLock:
     """An exclusive, non-blocking lock on ``<db>.lock``; raises UserError when held."""
 
     def __init__(self, db_path: str | Path) -> None:
-        self.db_path = Path(db_path)
+        self.db_path = Path(db_path).resolve()
         self.path = lock_path(db_path)
         self._fd: int | None = None
 

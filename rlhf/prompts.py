@@ -12,9 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import UserError
-
-MAX_PROMPT_CHARS = 8000
+from rlhf.text_input import read_text_file, split_lines, text_problem
 
 
 @dataclass
@@ -29,20 +27,15 @@ class PromptFile:
 def read_prompt_file(path: str | Path) -> PromptFile:
     """Parse a .txt or .jsonl prompt file. Raises UserError when it cannot be read."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompt file {path} does not exist: pass a .txt (one prompt a line) or .jsonl file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from e
+    lines = split_lines(read_text_file(path, "a prompt file: .txt (one prompt a line) or .jsonl"))
     result = PromptFile()
     jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
     for number, line in enumerate(lines, start=1):
         if not line.strip() or (not jsonl and line.lstrip().startswith("#")):
             continue
         text, meta, error = _parse_json_line(line) if jsonl else (line.strip(), None, None)
-        if error is None and text is not None and len(text) > MAX_PROMPT_CHARS:
-            error = f"prompt is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}"
+        if error is None and text is not None:
+            error = text_problem(text, "the prompt")
         if error is not None:
             result.errors.append(f"{path.name}:{number}: {error}")
             continue

@@ -15,6 +15,7 @@ a newer version of this program is refused and never touched.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -202,17 +203,25 @@ def _completion(row: dict[str, Any]) -> Completion:
 class Store:
     """One open database. Safe to share between the threads of one process."""
 
-    def __init__(self, path: str | Path, *, migrate_to: int = SCHEMA_VERSION) -> None:
-        # Absolute: jobs and checkpoints resolve files beside it from any working directory.
-        self.path = Path(path).resolve()
-        if not self.path.parent.exists():
-            raise UserError(f"database folder {self.path.parent} does not exist: create it or pass another --db")
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+    def __init__(self, path: str | Path, *, migrate_to: int = SCHEMA_VERSION, create: bool = True) -> None:
+        """Open the database at ``path``; with ``create``, make it when missing.
+
+        Nothing is written before the file is known to be a sound database of a
+        schema this program knows: a newer or damaged one is refused untouched."""
+        # Absolute, symlinks resolved: jobs and checkpoints find files beside it
+        # from any working directory, and the app's lock is one per file.
+        self.path = database_path(path, create=create)
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise UserError(f"cannot open {self.path} ({e}): check the path and its folder's permissions") from e
         conn.row_factory = sqlite3.Row
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            self._refuse_newer()
+            self._refuse_damaged()
             self.db.enable_wal()
             conn.execute("PRAGMA foreign_keys = ON")
             self._migrate(migrate_to)
@@ -229,7 +238,7 @@ class Store:
     def schema_version(self) -> int:
         return self.db.execute("PRAGMA user_version").fetchone()[0]
 
-    def _migrate(self, target: int) -> None:
+    def _refuse_newer(self) -> None:
         version = self.schema_version
         if version > SCHEMA_VERSION:
             raise UserError(
@@ -237,20 +246,41 @@ class Store:
                 f"(schema {version}, this one knows {SCHEMA_VERSION}): upgrade rlhf-workbench; "
                 "the database was not changed"
             )
-        # BEGIN IMMEDIATE: two processes opening an old database at once must
-        # not both run the same migration.
-        with self._write(immediate=True):
+
+    def _refuse_damaged(self) -> None:
+        """SQLite's own structural check (read-only, one pass over the pages):
+        writing into a damaged file can only damage it further."""
+        try:
+            found = [r[0] for r in self.db.execute("PRAGMA quick_check(3)").fetchall()]
+        except sqlite3.DatabaseError as e:
+            found = [str(e)]
+        if found != ["ok"]:
+            # The report runs over lines ("*** in database main ***", "Page 6: ..."): keep the first finding.
+            detail = next((line for r in found for line in r.splitlines() if not line.startswith("***")), "")
+            raise UserError(f"{self.path} is damaged ({detail}); it was not changed. Recover what it holds "
+                            f"into a new file with `sqlite3 {self.path} .recover | sqlite3 recovered.db` "
+                            "and pass --db recovered.db")
+
+    def _migrate(self, target: int) -> None:
+        # An immediate transaction (as every write): two processes opening an old
+        # database at once must not both run the same migration.
+        with self._write():
             version = self.schema_version
             for step in range(version, target):
                 MIGRATIONS[step](self.db)
                 self.db.execute(f"PRAGMA user_version = {step + 1}")
 
     @contextmanager
-    def _write(self, *, immediate: bool = False) -> Iterator[sqlite_utils.Database]:
-        """One short transaction; committed on exit, rolled back on error."""
+    def _write(self) -> Iterator[sqlite_utils.Database]:
+        """One short transaction; committed on exit, rolled back on error.
+
+        BEGIN IMMEDIATE takes the write lock up front, waiting (busy timeout) for
+        another writer to finish. A deferred BEGIN would read first and then be
+        refused outright ("database is locked") on its upgrade to a write, since
+        waiting there could deadlock."""
         with self._lock:
             conn = self.db.conn
-            conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
             except BaseException:
@@ -284,12 +314,19 @@ class Store:
         texts = list(texts)
         metas = list(meta) if meta is not None else [None] * len(texts)
         added = 0
+        mine = source is None or not source.startswith(IMPORT_SOURCE_PREFIX)
         with self._write() as db:
             for text, m in zip(texts, metas):
                 cur = db.execute(
                     "INSERT OR IGNORE INTO prompts (text, source, meta, created_at) VALUES (?, ?, ?, ?)",
                     [text, source, json.dumps(m) if m else None, now()],
                 )
+                if not cur.rowcount and mine:
+                    # Known only from imported pairs, so out of the labeling queue:
+                    # the researcher's own prompt takes it over (its pairs stay).
+                    cur = db.execute(
+                        f"UPDATE prompts SET source = ?, meta = COALESCE(?, meta) WHERE text = ? AND NOT "
+                        f"{_NOT_IMPORTED}", [source, json.dumps(m) if m else None, text])
                 added += cur.rowcount
         return added, len(texts) - added
 
@@ -524,7 +561,7 @@ class Store:
         """Queue a job. With ``exclusive``, refuse while another job is active:
         two training jobs on one machine would only fight for its cores and memory.
         ``is_alive`` lets the caller clear jobs whose process died first."""
-        with self._write(immediate=True) as db:
+        with self._write() as db:
             marks = ", ".join("?" for _ in ACTIVE_JOB_STATUSES)
             active = [dict(r) for r in db.execute(
                 f"SELECT * FROM jobs WHERE status IN ({marks})", ACTIVE_JOB_STATUSES).fetchall()]
@@ -571,7 +608,7 @@ class Store:
         """Mark active jobs whose process is gone as failed; returns their ids."""
         dead = []
         marks = ", ".join("?" for _ in ACTIVE_JOB_STATUSES)
-        with self._write(immediate=True) as db:
+        with self._write() as db:
             for r in db.execute(f"SELECT * FROM jobs WHERE status IN ({marks})", ACTIVE_JOB_STATUSES).fetchall():
                 job = dict(r)
                 if not is_alive(job):
@@ -605,7 +642,7 @@ class Store:
         path = Path(path).resolve()
         if path.is_relative_to(self.path.parent):
             path = path.relative_to(self.path.parent)
-        with self._write(immediate=True) as db:
+        with self._write() as db:
             last = db.execute("SELECT MAX(version) FROM checkpoints WHERE kind = ?", [kind]).fetchone()[0]
             version = (last or 0) + 1
             db.execute(
@@ -660,6 +697,28 @@ class Store:
 def _died_message(job: dict[str, Any]) -> str:
     return (f"process {job['pid']} ended without finishing (crashed, killed or out of memory); "
             f"last step {job['step']}")
+
+
+def database_path(path: str | Path, *, create: bool = True) -> Path:
+    """The real file behind ``path``, or a one-line UserError saying why it cannot be used."""
+    if not str(path).strip():
+        raise UserError("the database path is empty: pass --db FILE (e.g. --db workbench.db)")
+    resolved = Path(path).expanduser().resolve()
+    folder = resolved.parent
+    if resolved.is_dir():
+        raise UserError(f"{resolved} is a folder: pass a database file, e.g. --db {resolved / 'workbench.db'}")
+    if not folder.is_dir():
+        raise UserError(f"database folder {folder} does not exist: create it or pass another --db")
+    if not resolved.exists() and not create:
+        raise UserError(f"there is no database at {resolved}: check --db, or create one with "
+                        f"`rlhf --db {resolved} init`")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        # SQLite keeps its -wal and -shm files beside the database.
+        raise UserError(f"folder {folder} is not writable, and the database needs to write its -wal and -shm "
+                        "files there: fix its permissions or pass a --db in another folder")
+    if resolved.exists() and not os.access(resolved, os.R_OK | os.W_OK):
+        raise UserError(f"{resolved} is read-only: make it writable (chmod u+rw) or work on a copy")
+    return resolved
 
 
 def open_store(path: str | Path) -> Store:

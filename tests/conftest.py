@@ -46,6 +46,13 @@ def db_path(tmp_path) -> Path:
 
 
 @pytest.fixture
+def cli_db(db_path) -> Path:
+    """An empty database that exists: CLI commands other than `init` refuse a missing one."""
+    Store(db_path).close()
+    return db_path
+
+
+@pytest.fixture
 def store(db_path):
     with Store(db_path) as s:
         yield s

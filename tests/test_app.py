@@ -413,6 +413,23 @@ async def test_add_and_edit_prompts(store):
                        and all("(edited)" in c.text for c in screen.shown))
 
 
+async def test_prompt_editor_refuses_a_prompt_over_the_size_limit(store):
+    from textual.widgets import Label, TextArea
+
+    from rlhf.text_input import MAX_TEXT_CHARS
+
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        await shown(pilot, app)
+        before = len(store.prompts())
+        await pilot.press("a")
+        app.screen.query_one(TextArea).text = "x" * (MAX_TEXT_CHARS + 1)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert f"the limit is {MAX_TEXT_CHARS}" in str(app.screen.query_one("#prompt-error", Label).render())
+        assert len(store.prompts()) == before
+
+
 async def test_editing_a_prompt_while_it_is_sampled_shows_answers_to_the_new_text(store):
     sampler = FakeSampler()
     sampler.release.clear()
@@ -547,7 +564,7 @@ def test_k_out_of_range_is_refused(db_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--db", str(db_path), "--k", "9"])
     assert exit_info.value.code == 2
-    assert "out of range" in capsys.readouterr().err
+    assert "argument --k: must be from 2 to 6, got 9" in capsys.readouterr().err
 
 
 def test_newer_database_is_refused(db_path, capsys):

@@ -22,41 +22,41 @@ def test_init_loads_the_sample_prompts(capsys, db_path):
     assert stats["prompts"] >= 50 and stats["schema_version"] >= 1
 
 
-def test_missing_prompt_file_is_one_clear_line(capsys, db_path):
-    code, out, err = run(capsys, "--db", str(db_path), "prompts", "add", "no-such-file.txt")
+def test_missing_prompt_file_is_one_clear_line(capsys, cli_db):
+    code, out, err = run(capsys, "--db", str(cli_db), "prompts", "add", "no-such-file.txt")
     assert code == 2
     assert err.strip().count("\n") == 0
     assert "no-such-file.txt does not exist" in err and "Traceback" not in err
 
 
-def test_malformed_jsonl_lines_are_reported_and_good_ones_kept(capsys, db_path, tmp_path):
+def test_malformed_jsonl_lines_are_reported_and_good_ones_kept(capsys, cli_db, tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "first"}\n{"prompt": "second"\n\n{"text": "no prompt field"}\n{"prompt": "third"}\n')
-    code, out, err = run(capsys, "--db", str(db_path), "prompts", "add", str(path))
+    code, out, err = run(capsys, "--db", str(cli_db), "prompts", "add", str(path))
     assert code == 0
     assert "prompts.jsonl:2: not valid JSON" in err
     assert "prompts.jsonl:4:" in err and '"prompt"' in err
     assert "added 2 prompts" in out
-    with Store(db_path) as store:
+    with Store(cli_db) as store:
         assert [p.text for p in store.prompts()] == ["first", "third"]
 
 
-def test_text_prompt_files_skip_comments_and_blank_lines(capsys, db_path, tmp_path):
+def test_text_prompt_files_skip_comments_and_blank_lines(capsys, cli_db, tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("# my prompts\nWhat is rain?\n\n  Tell a joke.  \n")
-    assert run(capsys, "--db", str(db_path), "prompts", "add", str(path))[0] == 0
-    with Store(db_path) as store:
+    assert run(capsys, "--db", str(cli_db), "prompts", "add", str(path))[0] == 0
+    with Store(cli_db) as store:
         assert [p.text for p in store.prompts()] == ["What is rain?", "Tell a joke."]
 
 
-def test_sample_records_k_completions_per_prompt(capsys, db_path, tmp_path, tiny_dir):
+def test_sample_records_k_completions_per_prompt(capsys, cli_db, tmp_path, tiny_dir):
     path = tmp_path / "p.txt"
     path.write_text("one\ntwo\nthree\n")
-    run(capsys, "--db", str(db_path), "prompts", "add", str(path))
-    code, out, _ = run(capsys, "--db", str(db_path), "sample", "--k", "3", "--limit", "2",
+    run(capsys, "--db", str(cli_db), "prompts", "add", str(path))
+    code, out, _ = run(capsys, "--db", str(cli_db), "sample", "--k", "3", "--limit", "2",
                        "--model", tiny_dir, "--no-4bit", "--device", "cpu", "--max-new-tokens", "4", "--seed", "0")
     assert code == 0 and "recorded 6 completions for 2 prompts" in out
-    with Store(db_path) as store:
+    with Store(cli_db) as store:
         prompts = store.prompts()
         assert [len(store.completions_for_prompt(p.id)) for p in prompts] == [3, 3, 0]
         c = store.completions_for_prompt(prompts[0].id)[0]
@@ -64,8 +64,8 @@ def test_sample_records_k_completions_per_prompt(capsys, db_path, tmp_path, tiny
         assert len(c.logprobs) == c.n_tokens
 
 
-def test_sample_with_no_prompts_says_what_to_do(capsys, db_path):
-    code, _, err = run(capsys, "--db", str(db_path), "sample", "--model", "whatever")
+def test_sample_with_no_prompts_says_what_to_do(capsys, cli_db):
+    code, _, err = run(capsys, "--db", str(cli_db), "sample", "--model", "whatever")
     assert code == 2 and "rlhf prompts add" in err
 
 

@@ -275,8 +275,11 @@ def test_missing_or_unreadable_files_are_one_clear_error(store, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         import_file(store, tmp_path / "nope.jsonl")
     binary = tmp_path / "binary.jsonl"
-    binary.write_bytes(b"\xff\xfe\x00bad")
+    binary.write_bytes(b"\xff\xfebad")
     with pytest.raises(UserError, match="not UTF-8"):
+        import_file(store, binary)
+    binary.write_bytes(b'{"prompt": "p", "chosen": "c\x00", "rejected": "r"}\n')
+    with pytest.raises(UserError, match="binary file"):
         import_file(store, binary)
     fake = tmp_path / "fake.parquet"
     fake.write_text("not parquet")
@@ -291,18 +294,18 @@ def test_missing_or_unreadable_files_are_one_clear_error(store, tmp_path):
 # --- the command line ------------------------------------------------------------------------
 
 
-def test_cli_import_prints_a_summary_and_each_bad_line(capsys, db_path, tmp_path):
+def test_cli_import_prints_a_summary_and_each_bad_line(capsys, cli_db, tmp_path):
     path = tmp_path / "few.jsonl"
     path.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\nnot json\n")
-    assert main(["--db", str(db_path), "import", str(path)]) == 0
+    assert main(["--db", str(cli_db), "import", str(path)]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == ("imported 1 pairs from " + str(path) +
                            " as import:few.jsonl (0 already there, 1 bad rows skipped)")
     assert err.strip().startswith("skipped few.jsonl:2: not valid JSON")
 
 
-def test_cli_import_of_a_missing_file_is_one_line_and_exit_2(capsys, db_path, tmp_path):
-    assert main(["--db", str(db_path), "import", str(tmp_path / "missing.jsonl")]) == 2
+def test_cli_import_of_a_missing_file_is_one_line_and_exit_2(capsys, cli_db, tmp_path):
+    assert main(["--db", str(cli_db), "import", str(tmp_path / "missing.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rlhf: error: ") and "missing.jsonl does not exist" in err and "\n" not in err
 

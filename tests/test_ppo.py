@@ -376,7 +376,9 @@ def test_cli_refuses_what_would_fail_in_the_background(store, db_path, capsys):
     assert "nothing to resume" in capsys.readouterr().err
     assert main([*db, "ppo-control", "stop"]) == 2
     assert "no PPO session is running" in capsys.readouterr().err
-    assert main([*db, "ppo", "--reward", "rule:distinct", "--batch-size", "1"]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse refuses a value no PPO could use
+        main([*db, "ppo", "--reward", "rule:distinct", "--batch-size", "1"])
+    assert refused.value.code == 2 and "--batch-size: must be at least 2" in capsys.readouterr().err
     assert store.jobs() == []  # nothing was started
 
 

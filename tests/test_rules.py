@@ -107,18 +107,18 @@ def test_pending_sets_are_one_sampling_call_each(store):
     assert lone[0] not in {c.id for _, s in sets for c in s}
 
 
-def test_label_command_labels_and_says_what_it_did(capsys, db_path):
+def test_label_command_labels_and_says_what_it_did(capsys, cli_db):
     from rlhf.cli import main
     from rlhf.store import Store
 
-    code = main(["--db", str(db_path), "label", "--rule", "contains=banana"])
+    code = main(["--db", str(cli_db), "label", "--rule", "contains=banana"])
     err = capsys.readouterr().err
     assert code == 2 and "no comparisons waiting for a label" in err and err.count("\n") == 1
-    with Store(db_path) as store:
+    with Store(cli_db) as store:
         add_set(store, "p1", ["banana", "no", "no", "no"])
         add_set(store, "p2", ["no", "no", "no", "no"])
-    assert main(["--db", str(db_path), "label", "--rule", "contains=banana"]) == 0
+    assert main(["--db", str(cli_db), "label", "--rule", "contains=banana"]) == 0
     out = capsys.readouterr().out
     assert "labeled 2 comparisons as rule:contains=banana (1 best, 1 tie); 3 pairs" in out
-    assert main(["--db", str(db_path), "label", "--rule", "nonsense"]) == 2
+    assert main(["--db", str(cli_db), "label", "--rule", "nonsense"]) == 2
     assert "unknown rule 'nonsense'" in capsys.readouterr().err

@@ -21,27 +21,17 @@ from rlhf.locations import default_db_path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rlhf.cli import add_db_option, add_model_options
+    from rlhf.cli_options import Parser, add_db_option, add_model_options, at_least
     from workbench.app import default_labeler
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="workbench", description="RLHF workbench: label completions, train, watch the policy drift.")
     add_db_option(parser, note="; created, with the sample prompts, when missing")
     add_model_options(parser)
-    parser.add_argument("--k", type=_k, default=4, help="completions shown per prompt, 2 to 6 (default 4)")
+    parser.add_argument("--k", type=at_least(2, at_most=6), default=4, help="completions shown per prompt, 2 to 6 (default 4)")
     parser.add_argument("--labeler", default=default_labeler(),
                         help="name recorded with every label (default: your user name)")
     return parser
-
-
-def _k(text: str) -> int:
-    try:
-        k = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 2 <= k <= 6:
-        raise argparse.ArgumentTypeError(f"{k} is out of range: show 2 to 6 completions per prompt")
-    return k
 
 
 def check_model_source(source: str) -> None:
@@ -78,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, db_path: Path) -> int:
-    from rlhf.cli import model_options
+    from rlhf.cli_options import model_options
     from rlhf.locking import AppLock
     from rlhf.models import pick_device
     from rlhf.store import Store
@@ -86,7 +76,7 @@ def run(args: argparse.Namespace, db_path: Path) -> int:
 
     check_model_source(args.model)
     pick_device(args.device)  # --device cuda without a GPU: one line now, not an error on screen later
-    with Store(db_path) as store, AppLock(db_path):
+    with Store(db_path) as store, AppLock(store.path):
         quiet_libraries()
         app = WorkbenchApp(store, k=args.k, labeler=args.labeler, model=model_options(args))
         app.run()

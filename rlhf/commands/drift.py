@@ -8,7 +8,7 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from rlhf.cli import add_model_options
+    from rlhf.cli_options import add_model_options, at_least, positive
 
     drift = sub.add_parser("drift", help="how far policy versions drifted from the reference").add_subparsers(
         dest="drift_command", required=True, metavar="ACTION")
@@ -19,10 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = drift.add_parser("show", help="the reference and a policy version answer the probe prompts; "
                                       "prints each answer's sequence KL")
-    p.add_argument("--version", type=int, required=True, help="policy version (1, 2, ...)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many probe prompts")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--version", type=at_least(1), required=True, help="policy version (1, 2, ...)")
+    p.add_argument("--limit", type=at_least(1), default=None, help="at most this many probe prompts")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=48)
+    p.add_argument("--temperature", type=positive, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     add_model_options(p)
     p.set_defaults(func=cmd_show)
@@ -56,7 +56,8 @@ def cmd_winrate(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     import torch
 
-    from rlhf.cli import model_options, open_db, say
+    from rlhf.cli import open_db, say
+    from rlhf.cli_options import model_options
     from rlhf.drift import answer_pair, load_drift_version, probe_prompts
     from rlhf.models import load_stack
     from rlhf.sampling import SamplingParams

@@ -8,7 +8,7 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from rlhf.cli import add_model_options, add_sampling_options
+    from rlhf.cli_options import add_model_options, add_sampling_options, at_least
 
     p = sub.add_parser("eval-policy", help="win-rate of a policy version over the reference by a rule, "
                                            "on held-out prompts, with its KL",
@@ -17,12 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "half). Use the rule your scripted labels were made with: the win-rate says "
                                    "whether that taste reached the policy.")
     p.add_argument("--rule", required=True, help="the judge, e.g. contains=you (see `rlhf label --help`)")
-    p.add_argument("--version", type=int, default=None, help="policy version (default: the latest)")
-    p.add_argument("--against", type=int, default=0, help="the opponent version (default 0, the base)")
+    p.add_argument("--version", type=at_least(1), default=None, help="policy version (default: the latest)")
+    p.add_argument("--against", type=at_least(0), default=0, help="the opponent version (default 0, the base)")
     p.add_argument("--prompts", default=None,
                    help="prompt file (default: sample_prompts/heldout.jsonl, prompts no sample set shares)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many prompts")
-    p.add_argument("--k", type=int, default=4, help="answers per prompt and side (default 4)")
+    p.add_argument("--limit", type=at_least(1), default=None, help="at most this many prompts")
+    p.add_argument("--k", type=at_least(1), default=4, help="answers per prompt and side (default 4)")
     add_sampling_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval_policy(args: argparse.Namespace) -> int:
-    from rlhf.cli import model_options, open_db, say
+    from rlhf.cli import open_db, say
+    from rlhf.cli_options import model_options
     from rlhf.errors import UserError
     from rlhf.evaluation import evaluate, load_versions
     from rlhf.models import load_stack

@@ -8,9 +8,12 @@ import argparse
 from pathlib import Path
 
 from rlhf.errors import UserError
+from rlhf.text_input import MAX_TEXT_CHARS, error_summary
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from rlhf.cli_options import at_least
+
     p = sub.add_parser("export", help="write preference pairs as TRL JSONL, Parquet or a datasets folder")
     p.add_argument("out", type=Path, help="output file (.jsonl, .parquet) or folder (--format hf)")
     p.add_argument("--format", dest="fmt", choices=("trl", "parquet", "hf"), default=None,
@@ -19,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--conversational", action="store_true",
                    help="message lists ([{'role', 'content'}]) instead of plain text")
     p.add_argument("--since", default=None, help="only pairs recorded since this date (YYYY-MM-DD[THH:MM], UTC)")
-    p.add_argument("--policy-version", type=int, default=None,
+    p.add_argument("--policy-version", type=at_least(0), default=None,
                    help="only pairs whose two completions come from this policy version")
     p.add_argument("--labeler", default=None, help="only this labeler's pairs")
     p.add_argument("--source", default=None,
@@ -30,7 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "created_at and source columns")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="add preference pairs from a TRL / HH-RLHF JSONL, Parquet or datasets folder")
+    p = sub.add_parser("import", help="add preference pairs from a TRL / HH-RLHF JSONL, Parquet or datasets folder",
+                       description="Add the pairs of a file, all of them or none: rows that cannot be used "
+                                   "(no chosen/rejected, control characters, a text over MAX_TEXT_CHARS = "
+                                   f"{MAX_TEXT_CHARS} characters, two answers equal up to whitespace) are "
+                                   "skipped and reported; pairs already there are counted, not added twice.")
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_import)
 
@@ -57,8 +64,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     with open_db(args) as store:
         report = import_file(store, args.file)
-    for error in report.errors:
-        say(f"skipped {error}")
+    for line in error_summary(report.errors):
+        say(line)
     print(f"imported {report.added} pairs from {args.file} as {report.source} "
           f"({report.duplicates} already there, {len(report.errors)} bad rows skipped)")
     # Exit 1 when the file held nothing usable: a script should notice.

@@ -18,40 +18,40 @@ PROGRESS = (("objective/scores", "score", "{:.3f}"), ("objective/scores_std", "s
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from rlhf.cli import add_model_options, add_sampling_options
+    from rlhf.cli_options import add_model_options, add_sampling_options, at_least, positive
 
     p = sub.add_parser("ppo", help="run a short KL-regularized PPO session in the background",
                        description="Start (or with --resume, continue) a PPO session as a background job. "
                                    "Each iteration saves the policy as a new version. Defaults: see "
                                    "rlhf.ppo.PPOConfig.")
-    p.add_argument("--iterations", type=int, default=None, help="iterations in this session (default 10 "
+    p.add_argument("--iterations", type=at_least(1), default=None, help="iterations in this session (default 10 "
                                                                   "unless --minutes is given)")
-    p.add_argument("--minutes", type=float, default=None, help="stop after the iteration that passes M minutes")
+    p.add_argument("--minutes", type=positive, default=None, help="stop after the iteration that passes M minutes")
     p.add_argument("--beta", type=float, default=None, help="KL coefficient (default 0.05; the starting "
                                                             "value with --adaptive-kl)")
     p.add_argument("--adaptive-kl", action="store_true", default=None,
                    help="adapt beta towards --target-kl (lm-human-preferences' controller)")
-    p.add_argument("--target-kl", type=float, default=None, help="target KL in nats per sequence (default 6)")
-    p.add_argument("--batch-size", type=int, default=None, help="episodes per iteration (default 16)")
-    p.add_argument("--mini-batch-size", type=int, default=None, help="sequences per optimizer step (default 4)")
-    p.add_argument("--epochs", type=int, default=None, help="PPO epochs over each batch (default 4)")
+    p.add_argument("--target-kl", type=positive, default=None, help="target KL in nats per sequence (default 6)")
+    p.add_argument("--batch-size", type=at_least(2), default=None, help="episodes per iteration (default 16)")
+    p.add_argument("--mini-batch-size", type=at_least(1), default=None, help="sequences per optimizer step (default 4)")
+    p.add_argument("--epochs", type=at_least(1), default=None, help="PPO epochs over each batch (default 4)")
     add_sampling_options(p, defaults=False)
     p.add_argument("--missing-eos", choices=("off", "replace", "subtract"), default=None,
                    help="score of an answer that never emitted EOS: off = the reward model's (default: measured, "
                         "most answers of the embedded model do not finish within the budget), replace = "
                         "-penalty, subtract = score - penalty")
     p.add_argument("--missing-eos-penalty", type=float, default=None, help="the penalty (default 1.0)")
-    p.add_argument("--lr", dest="learning_rate", type=float, default=None, help="learning rate (default 1e-4)")
+    p.add_argument("--lr", dest="learning_rate", type=positive, default=None, help="learning rate (default 1e-4)")
     p.add_argument("--gae-lambda", dest="lam", type=float, default=None,
                    help="GAE lambda: 1 gives every token the whole score, lower leans on the value head "
                         "(default: see rlhf.ppo.PPOConfig)")
     p.add_argument("--reward", default=None,
                    help="reward version (default: the latest), or a rule optimized directly, e.g. rule:short, "
                         "rule:distinct, rule:contains=WORD (see `rlhf label --help`)")
-    p.add_argument("--policy-version", dest="init_policy_version", type=int, default=None,
+    p.add_argument("--policy-version", dest="init_policy_version", type=at_least(0), default=None,
                    help="policy version to start from (default: the latest; 0 = the base)")
     p.add_argument("--prompt-file", default=None, help="prompts from this file instead of the database")
-    p.add_argument("--save-every", type=int, default=None, help="save a version every N iterations (default 1)")
+    p.add_argument("--save-every", type=at_least(1), default=None, help="save a version every N iterations (default 1)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true",
                    help="continue the last session from its latest checkpoint, against that session's reference")
@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser("ppo-control", help="pause, resume or stop the running PPO session")
     c.add_argument("action", choices=("pause", "resume", "stop"))
-    c.add_argument("--job", type=int, default=None, help="job id (default: the active PPO job)")
+    c.add_argument("--job", type=at_least(1), default=None, help="job id (default: the active PPO job)")
     c.set_defaults(func=cmd_ppo_control)
 
 
@@ -83,8 +83,8 @@ def session_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_ppo(args: argparse.Namespace) -> int:
+    from rlhf import jobs
     from rlhf.cli import open_db, say
-    from rlhf.locations import checkpoints_dir
     from rlhf.ppo import PPOConfig, check_can_start, sampling_mismatch, session_settings, start_session
 
     config = session_config(args)
@@ -94,7 +94,7 @@ def cmd_ppo(args: argparse.Namespace) -> int:
         ppo = PPOConfig.from_dict(settings)  # bad values fail here, not in the background
         job_id = start_session(store, config)
         what = "resumed" if args.resume else "started"
-        log = checkpoints_dir(store.path) / f"job-{job_id}.log"
+        log = jobs.log_path(store.path, job_id)
         print(f"PPO session {what}: job {job_id} (log: {log}); `rlhf ppo-control pause|resume|stop` controls it")
         print(f"sampling: temperature {ppo.temperature}, top-p {ppo.top_p}, {ppo.max_new_tokens} new tokens; "
               f"missing EOS: {ppo.missing_eos}" + (f" ({ppo.missing_eos_penalty})" if ppo.missing_eos != "off" else ""))

@@ -13,10 +13,11 @@ import time
 from typing import Any
 
 from rlhf.errors import UserError
+from rlhf.text_input import error_summary
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from rlhf.cli import add_model_options
+    from rlhf.cli_options import add_model_options, at_least
 
     p = sub.add_parser("train-reward", help="train a reward model on the recorded pairs (a background job)")
     length = p.add_mutually_exclusive_group()
@@ -57,8 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval-reward", help="accuracy of the reward model on a preference file (not imported)")
     p.add_argument("file", help="a preference file in any format `rlhf import` reads")
-    p.add_argument("--version", type=int, default=None, help="reward version (default: the latest)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
+    p.add_argument("--version", type=at_least(1), default=None, help="reward version (default: the latest)")
+    p.add_argument("--limit", type=at_least(1), default=None, help="evaluate only the first N pairs")
     add_model_options(p)
     p.set_defaults(func=cmd_eval_reward)
 
@@ -121,8 +122,7 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
     with open_db(args) as store:
         check_pairs(store, config.get("sources", "all"))
         job_id = jobs.start_job(store, "reward", config)
-        print(f"started reward job {job_id}; log in {store.path.parent / (store.path.stem + '-checkpoints')}"
-              f"/job-{job_id}.log")
+        print(f"started reward job {job_id}; log in {jobs.log_path(store.path, job_id)}")
         if not args.wait:
             return 0
         seen = {"step": 0}
@@ -150,7 +150,8 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_reward(args: argparse.Namespace) -> int:
-    from rlhf.cli import model_options, open_db, say
+    from rlhf.cli import open_db, say
+    from rlhf.cli_options import model_options
     from rlhf.exchange import read_preference_file
     from rlhf.models import load_stack
     from rlhf.reward import evaluate_texts, load_scorer
@@ -159,10 +160,8 @@ def cmd_eval_reward(args: argparse.Namespace) -> int:
         if store.checkpoint("reward", args.version) is None:
             raise UserError("no reward model yet: train one with `rlhf train-reward`")
         pairs, errors = read_preference_file(args.file)
-        for error in errors[:5]:
-            say(f"skipped {error}")
-        if len(errors) > 5:
-            say(f"... and {len(errors) - 5} more bad records")
+        for line in error_summary(errors):
+            say(line)
         if args.limit is not None:
             pairs = pairs[:args.limit]
         if not pairs:

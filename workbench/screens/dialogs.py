@@ -14,6 +14,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, TextArea
 from textual.widgets.option_list import Option
 
+from rlhf.text_input import text_problem
+
 
 class PromptEditor(ModalScreen[str | None]):
     """Add or edit one prompt. ctrl+s saves, escape cancels."""
@@ -44,6 +46,10 @@ class PromptEditor(ModalScreen[str | None]):
         text = self.query_one(TextArea).text.strip()
         if not text:
             self.query_one("#prompt-error", Label).update("a prompt cannot be empty")
+            return
+        problem = text_problem(text, "the prompt")
+        if problem:
+            self.query_one("#prompt-error", Label).update(problem)
             return
         self.dismiss(text)
 
