@@ -336,6 +336,19 @@ def import_file(store: Store, path: str | Path) -> ImportReport:
 # --- export --------------------------------------------------------------------------
 
 
+def reimport_warning(out: str | Path) -> str | None:
+    """Read an exported file back as `rlhf import` would: a line saying how many
+    rows it would refuse, and why the first, or None when it takes them all.
+    Labels can pair texts import refuses (an answer over the size limit or with
+    a control character, two answers equal up to whitespace): say so at export,
+    not when the file comes back short."""
+    _, errors = read_preference_file(out)
+    if not errors:
+        return None
+    return (f"{len(errors)} exported pairs would be refused by `rlhf import` "
+            f"(the first: {errors[0].split(': ', 1)[-1]})")
+
+
 def format_for(out: Path) -> str | None:
     """The export format an output name implies, if any."""
     suffix = out.suffix.lower()

@@ -163,6 +163,26 @@ def wait(store: Store, job_id: int, timeout_s: float = 600.0,
         time.sleep(POLL_S)
 
 
+def follow(store: Store, job_id: int, on_step: Callable[[dict[str, Any], int, dict[str, float]], None],
+           timeout_s: float = float("inf")) -> dict[str, Any]:
+    """Block until the job ends, calling ``on_step(job, step, metrics)`` once per
+    newly logged step, in order (a runner logs each step's metrics in one
+    transaction, so a step is never seen half written); returns the final row."""
+    shown = -1
+
+    def on_poll(job: dict[str, Any]) -> None:
+        nonlocal shown
+        by_step: dict[int, dict[str, float]] = {}
+        for name, values in store.metrics(job_id, after_step=shown).items():
+            for step, value in values:
+                by_step.setdefault(step, {})[name] = value
+        for step in sorted(by_step):
+            on_step(job, step, by_step[step])
+            shown = step
+
+    return wait(store, job_id, timeout_s=timeout_s, on_poll=on_poll)
+
+
 def latest_job(store: Store, kind: str) -> dict[str, Any] | None:
     """The job of a kind a screen should show: the active one, else the most recent."""
     of_kind = store.jobs(kind)

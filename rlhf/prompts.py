@@ -12,7 +12,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from rlhf.store import Store
 from rlhf.text_input import read_text_file, split_lines, text_problem
+
+SAMPLE_PROMPTS = "default.jsonl"
 
 
 @dataclass
@@ -59,7 +62,23 @@ def _parse_json_line(line: str) -> tuple[str | None, dict[str, Any] | None, str 
     return text.strip(), meta, None
 
 
-def bundled_prompt_file(name: str = "default.jsonl") -> Path:
+def add_prompt_file(store: Store, path: str | Path, source: str | None = None) -> tuple[int, int, PromptFile]:
+    """Read a prompt file whole (a file that cannot be read changes nothing),
+    then add its good prompts. Returns (added, already there, what was read)."""
+    parsed = read_prompt_file(path)
+    added, existing = store.add_prompts(parsed.prompts, source=source or str(path), meta=parsed.meta)
+    return added, existing, parsed
+
+
+def load_sample_prompts(store: Store) -> int:
+    """A database without prompts gets the bundled sample prompts; returns how many."""
+    if store.prompts():
+        return 0
+    added, _, _ = add_prompt_file(store, bundled_prompt_file(), source=f"sample_prompts/{SAMPLE_PROMPTS}")
+    return added
+
+
+def bundled_prompt_file(name: str = SAMPLE_PROMPTS) -> Path:
     """A file from ``sample_prompts/`` (shipped beside the package in a checkout,
     inside it when installed as a wheel)."""
     here = Path(__file__).resolve().parent.parent / "sample_prompts" / name

@@ -823,25 +823,28 @@ def run_job(ctx: JobContext) -> None:
                               max_completion_tokens=config.max_completion_tokens)
     started = time.monotonic()
     result = train(stack, elements, config, log=ctx.log, checkpoint=ctx.checkpoint, set_total=ctx.set_total)
-    # Normalized on the completions it was trained on: no sampling, so nothing
-    # can fail after training; a PPO session renormalizes on its own reference.
     readout = result.readout or config.readout_for(stack)
-    raw, lengths = completion_scores(stack, elements, readout, batch_size=config.batch_size * 4)
-    norm = normalization_of(raw)
-    longer, decided = labels_prefer_longer(elements)
     completion_ids = [i for e in elements for i in e.completion_ids]
-    meta = {"gain": norm.gain, "bias": norm.bias, "raw_mean": norm.raw_mean, "raw_std": norm.raw_std,
-            "norm_samples": norm.n_samples, "eval_accuracy": result.eval.accuracy,
-            "eval_margin": result.eval.margin, "eval_pairs": result.eval.n_pairs, "eval_loss": result.eval.loss,
-            "eval_elements": result.n_eval, "train_elements": result.n_train, "steps": result.steps,
-            "epochs": result.epochs, "best_step": result.best_step, "stopped_early": result.stopped_early,
-            "readout": asdict(readout), "finetuned": config.finetune,
-            "length_corr": correlation(raw.tolist(), lengths), "labels_prefer_longer": longer,
-            "length_pairs": decided, "sampling": ctx.store.sampling_definition(completion_ids),
-            "seconds": time.monotonic() - started, "sources": config.sources,
-            "max_length": config.max_length, "max_completion_tokens": config.max_completion_tokens,
-            "config": config.to_dict()}
+    meta = {"eval_accuracy": result.eval.accuracy, "eval_margin": result.eval.margin,
+            "eval_pairs": result.eval.n_pairs, "eval_loss": result.eval.loss, "eval_elements": result.n_eval,
+            "train_elements": result.n_train, "steps": result.steps, "epochs": result.epochs,
+            "best_step": result.best_step, "stopped_early": result.stopped_early, "readout": asdict(readout),
+            "finetuned": config.finetune, "sampling": ctx.store.sampling_definition(completion_ids),
+            "seconds": time.monotonic() - started, "sources": config.sources, "max_length": config.max_length,
+            "max_completion_tokens": config.max_completion_tokens, "config": config.to_dict()}
+    # Saved before anything else can fail: what training cost is never lost.
+    # Until the normalization below is recorded, the version scores with gain 1,
+    # bias 0; a PPO session renormalizes on its own reference anyway.
     path = ctx.checkpoint_root / f"reward-job-{ctx.job_id}"
     stack.save_adapter(ADAPTER, path, meta=meta)
     version = ctx.store.add_checkpoint("reward", path, job_id=ctx.job_id, meta=meta)
     print(f"saved reward version {version} to {path}")
+    # Normalized on the completions it was trained on (no sampling), with the
+    # length check: one more scoring pass over them.
+    raw, lengths = completion_scores(stack, elements, readout, batch_size=config.batch_size * 4)
+    norm = normalization_of(raw)
+    longer, decided = labels_prefer_longer(elements)
+    meta.update({"gain": norm.gain, "bias": norm.bias, "raw_mean": norm.raw_mean, "raw_std": norm.raw_std,
+                 "norm_samples": norm.n_samples, "length_corr": correlation(raw.tolist(), lengths),
+                 "labels_prefer_longer": longer, "length_pairs": decided})
+    ctx.store.update_checkpoint_meta("reward", version, meta)

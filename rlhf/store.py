@@ -7,9 +7,9 @@ training job, the CLI) can read and write beside us. WAL mode lets readers and
 one writer proceed together; the busy timeout makes a writer wait for another
 instead of failing.
 
-Schema versions live in ``PRAGMA user_version``; ``MIGRATIONS[i]`` takes a
-database from version ``i`` to ``i + 1`` and runs on open. A database written by
-a newer version of this program is refused and never touched.
+The schema is built by the steps of ``rlhf.migrations``, run on open. A
+database written by a newer version of this program, or a damaged one, is
+refused and never touched.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from typing import Any
 import sqlite_utils
 
 from rlhf.errors import UserError
+from rlhf.migrations import MIGRATIONS, SCHEMA_VERSION
 
 BUSY_TIMEOUT_S = 30.0
 
-# Kinds of answer a labeler can give (issue 3). Only "best" and "ranking"
+# Kinds of answer a labeler can give. Only "best" and "ranking"
 # yield pairs; "tie", "all_bad" and "skip" are kept as they are.
 LABEL_KINDS = ("best", "ranking", "tie", "all_bad", "skip")
 # Statuses a background job moves through (see rlhf/jobs.py).
@@ -49,117 +50,6 @@ PROBE_SOURCE = "probes"
 def now() -> str:
     """UTC timestamp in ISO 8601, the one format every table uses."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-# --- migrations -----------------------------------------------------------
-
-
-def _v0_to_v1(db: sqlite_utils.Database) -> None:
-    """Prompts, completions and labels: what the first release recorded."""
-    db.execute(
-        """CREATE TABLE prompts (
-            id INTEGER PRIMARY KEY,
-            text TEXT NOT NULL UNIQUE,
-            source TEXT,
-            meta TEXT,
-            created_at TEXT NOT NULL,
-            edited_at TEXT
-        )"""
-    )
-    db.execute(
-        """CREATE TABLE completions (
-            id INTEGER PRIMARY KEY,
-            prompt_id INTEGER NOT NULL REFERENCES prompts(id),
-            text TEXT NOT NULL,
-            token_ids TEXT,              -- JSON list of sampled ids, EOS included
-            n_tokens INTEGER NOT NULL,
-            finish_reason TEXT NOT NULL, -- 'eos' | 'length' | 'imported'
-            policy_version INTEGER,      -- 0 = reference/base; NULL = imported
-            temperature REAL,
-            top_p REAL,
-            max_new_tokens INTEGER,
-            logprobs TEXT,               -- JSON list, one per sampled token
-            created_at TEXT NOT NULL
-        )"""
-    )
-    db.execute("CREATE INDEX completions_prompt ON completions(prompt_id)")
-    db.execute(
-        """CREATE TABLE comparisons (
-            id INTEGER PRIMARY KEY,
-            prompt_id INTEGER NOT NULL REFERENCES prompts(id),
-            completion_ids TEXT NOT NULL, -- JSON list, in the order shown
-            kind TEXT NOT NULL,           -- one of LABEL_KINDS
-            choice TEXT,                  -- JSON: shown positions, best first
-            labeler TEXT,
-            seconds REAL,
-            created_at TEXT NOT NULL
-        )"""
-    )
-    db.execute(
-        """CREATE TABLE pairs (
-            id INTEGER PRIMARY KEY,
-            comparison_id INTEGER REFERENCES comparisons(id) ON DELETE CASCADE,
-            prompt_id INTEGER NOT NULL REFERENCES prompts(id),
-            chosen_id INTEGER NOT NULL REFERENCES completions(id),
-            rejected_id INTEGER NOT NULL REFERENCES completions(id),
-            created_at TEXT NOT NULL
-        )"""
-    )
-    db.execute("CREATE INDEX pairs_comparison ON pairs(comparison_id)")
-
-
-def _v1_to_v2(db: sqlite_utils.Database) -> None:
-    """Imported pairs, background jobs, their metrics and checkpoints."""
-    db.execute("ALTER TABLE pairs ADD COLUMN source TEXT NOT NULL DEFAULT 'label'")
-    # Hash of (prompt, chosen, rejected) for imported pairs: importing a file
-    # twice must not duplicate them. NULL for labeled pairs (never deduplicated).
-    db.execute("ALTER TABLE pairs ADD COLUMN import_key TEXT")
-    db.execute("CREATE UNIQUE INDEX pairs_import_key ON pairs(import_key)")
-    db.execute("ALTER TABLE comparisons ADD COLUMN purpose TEXT NOT NULL DEFAULT 'preference'")
-    db.execute(
-        """CREATE TABLE jobs (
-            id INTEGER PRIMARY KEY,
-            kind TEXT NOT NULL,           -- 'reward' | 'ppo' | ...
-            status TEXT NOT NULL,         -- one of JOB_STATUSES
-            config TEXT,                  -- JSON
-            pid INTEGER,
-            step INTEGER NOT NULL DEFAULT 0,
-            total_steps INTEGER,
-            control TEXT,                 -- 'cancel' | 'pause' | NULL, set by the app
-            error TEXT,
-            created_at TEXT NOT NULL,
-            started_at TEXT,
-            heartbeat_at TEXT,
-            finished_at TEXT
-        )"""
-    )
-    db.execute(
-        """CREATE TABLE metrics (
-            job_id INTEGER NOT NULL REFERENCES jobs(id),
-            step INTEGER NOT NULL,
-            name TEXT NOT NULL,
-            value REAL,
-            created_at TEXT NOT NULL
-        )"""
-    )
-    db.execute("CREATE INDEX metrics_job_step ON metrics(job_id, step)")
-    db.execute(
-        """CREATE TABLE checkpoints (
-            id INTEGER PRIMARY KEY,
-            kind TEXT NOT NULL,           -- 'policy' | 'reward'
-            version INTEGER NOT NULL,     -- 1, 2, ... per kind; policy 0 = base
-            path TEXT NOT NULL,
-            job_id INTEGER REFERENCES jobs(id),
-            parent_version INTEGER,
-            meta TEXT,                    -- JSON: normalization, metrics, ...
-            created_at TEXT NOT NULL,
-            UNIQUE(kind, version)
-        )"""
-    )
-
-
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v0_to_v1, _v1_to_v2]
-SCHEMA_VERSION = len(MIGRATIONS)
 
 
 # --- rows -------------------------------------------------------------------
@@ -225,6 +115,12 @@ class Store:
             self.db.enable_wal()
             conn.execute("PRAGMA foreign_keys = ON")
             self._migrate(migrate_to)
+        except sqlite3.OperationalError as e:
+            conn.close()
+            if "locked" in str(e) or "busy" in str(e):
+                raise UserError(f"{self.path} stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s: "
+                                "try again when it is done") from e
+            raise UserError(f"cannot open {self.path} ({e}): check the file and its folder") from e
         except sqlite3.DatabaseError as e:
             conn.close()
             raise UserError(f"{self.path} is not a workbench database ({e}): pass another --db") from e
@@ -252,6 +148,8 @@ class Store:
         writing into a damaged file can only damage it further."""
         try:
             found = [r[0] for r in self.db.execute("PRAGMA quick_check(3)").fetchall()]
+        except sqlite3.OperationalError:
+            raise  # busy or locked: not a sign of damage
         except sqlite3.DatabaseError as e:
             found = [str(e)]
         if found != ["ok"]:
@@ -262,8 +160,10 @@ class Store:
                             "and pass --db recovered.db")
 
     def _migrate(self, target: int) -> None:
-        # An immediate transaction (as every write): two processes opening an old
-        # database at once must not both run the same migration.
+        if self.schema_version >= target:
+            return  # no write transaction: opening must not wait for another writer
+        # An immediate transaction (as every write), the version read again inside
+        # it: two processes opening an old database at once must not both migrate.
         with self._write():
             version = self.schema_version
             for step in range(version, target):
@@ -606,16 +506,17 @@ class Store:
 
     def mark_dead_jobs(self, is_alive: Callable[[dict[str, Any]], bool]) -> list[int]:
         """Mark active jobs whose process is gone as failed; returns their ids."""
-        dead = []
         marks = ", ".join("?" for _ in ACTIVE_JOB_STATUSES)
+        active = self._rows(f"SELECT * FROM jobs WHERE status IN ({marks})", ACTIVE_JOB_STATUSES)
+        dead = [job for job in active if not is_alive(job)]
+        if not dead:
+            return []  # the usual case, and no write lock taken: a read-only look stays one
         with self._write() as db:
-            for r in db.execute(f"SELECT * FROM jobs WHERE status IN ({marks})", ACTIVE_JOB_STATUSES).fetchall():
-                job = dict(r)
-                if not is_alive(job):
-                    db.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
-                               [_died_message(job), now(), job["id"]])
-                    dead.append(job["id"])
-        return dead
+            for job in dead:
+                db.execute(f"UPDATE jobs SET status = 'failed', error = ?, finished_at = ? "
+                           f"WHERE id = ? AND status IN ({marks})",
+                           [_died_message(job), now(), job["id"], *ACTIVE_JOB_STATUSES])
+        return [job["id"] for job in dead]
 
     def log_metrics(self, job_id: int, step: int, values: dict[str, float]) -> None:
         stamp = now()
@@ -650,6 +551,12 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [kind, version, str(path), job_id, parent_version, json.dumps(meta or {}), now()])
         return version
+
+    def update_checkpoint_meta(self, kind: str, version: int, meta: dict[str, Any]) -> None:
+        """Replace a version's metadata (figures computed after it was saved)."""
+        with self._write() as db:
+            db.execute("UPDATE checkpoints SET meta = ? WHERE kind = ? AND version = ?",
+                       [json.dumps(meta), kind, version])
 
     def checkpoints(self, kind: str) -> list[dict[str, Any]]:
         rows = self._rows("SELECT * FROM checkpoints WHERE kind = ? ORDER BY version", [kind])

@@ -7,6 +7,7 @@ another never refuses.
 
 from __future__ import annotations
 
+import codecs
 import re
 from pathlib import Path
 
@@ -48,6 +49,10 @@ def split_lines(text: str) -> list[str]:
 def decode_text(data: bytes, path: Path | str) -> str:
     """A file's bytes as text: UTF-8, a leading byte-order mark dropped. Raises
     UserError for anything else, or for binary (a NUL byte is never in text)."""
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                      (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+        if data.startswith(bom):  # what Windows tools call "Unicode": NUL bytes, yet text
+            raise UserError(f"{path} is {name} text: save it as UTF-8")
     if b"\x00" in data:
         raise UserError(f"{path} looks like a binary file (it holds NUL bytes): pass a UTF-8 text file")
     try:

@@ -582,3 +582,24 @@ def test_lock_file_sits_beside_the_database(db_path):
     with AppLock(db_path) as lock:
         assert lock.path == Path(str(db_path) + ".lock")
         assert lock.held
+
+
+async def test_a_failing_background_task_is_a_notice_and_the_app_stays_up(store, tmp_path, monkeypatch):
+    import rlhf.exchange
+    from workbench.screens.dialogs import ExportRequest
+
+    app = make_app(store)
+    notes: list[str] = []
+    async with app.run_test() as pilot:
+        await shown(pilot, app)
+        real_notify = app.notify
+        monkeypatch.setattr(app, "notify", lambda message, **kw: (notes.append(message), real_notify(message, **kw)))
+        # A UserError in a screen's worker: the Train screen starts a job with no pairs to train on.
+        await pilot.press("f2")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: any("no preference pairs to train on" in n for n in notes))
+        # A bug in the app's own worker: named on screen, the app keeps running.
+        monkeypatch.setattr(rlhf.exchange, "export_pairs", lambda *a, **kw: 1 / 0)
+        app.run_export(ExportRequest("trl", tmp_path / "x.jsonl", False))
+        await wait_for(pilot, lambda: any("export failed: ZeroDivisionError" in n for n in notes))
+        assert app.is_running and store.jobs() == []

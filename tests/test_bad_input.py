@@ -105,27 +105,51 @@ def test_newer_schema_in_rollback_mode_is_refused_byte_for_byte(capsys, db_path,
     assert not (tmp_path / "workbench.db-wal").exists()
 
 
-def test_import_waits_for_another_writer_instead_of_failing(capsys, filled, tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    write_jsonl(path, [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(20)])
-    busy = sqlite3.connect(filled, isolation_level=None, check_same_thread=False)
+def hold_write_lock(db_path, seconds: float) -> threading.Thread:
+    """Another writer: takes the write lock now, writes a prompt, commits after ``seconds``."""
+    busy = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
     busy.execute("BEGIN IMMEDIATE")
     busy.execute("INSERT INTO prompts (text, created_at) VALUES ('written meanwhile', 'now')")
 
     def commit_later() -> None:
-        time.sleep(1.0)
+        time.sleep(seconds)
         busy.execute("COMMIT")
+        busy.close()
 
     writer = threading.Thread(target=commit_later)
     writer.start()
-    code, out, err = run(capsys, "--db", str(filled), "import", str(path))
-    writer.join()
-    busy.close()
-    assert code == 0, err
-    assert "imported 20 pairs" in out
+    return writer
+
+
+def test_import_waits_for_another_writer_instead_of_failing(filled, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(20)])
     with Store(filled) as store:
+        writer = hold_write_lock(filled, 1.0)  # busy after the store opened, while the import runs
+        report = import_file(store, path)
+        writer.join()
+        assert (report.added, report.errors) == (20, [])
         assert len(store.pairs(source="import")) == 21
         assert "written meanwhile" in [p.text for p in store.prompts()]
+
+
+def test_a_database_locked_past_the_timeout_is_one_line_and_imports_nothing(capsys, filled, tmp_path,
+                                                                            monkeypatch):
+    import rlhf.store
+
+    monkeypatch.setattr(rlhf.store, "BUSY_TIMEOUT_S", 0.3)
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, [{"prompt": "q", "chosen": "yes", "rejected": "no"}])
+    before = rows(filled)
+    writer = hold_write_lock(filled, 2.0)
+    code, _, err = run(capsys, "--db", str(filled), "import", str(path))
+    # Reading needs no lock: stats answers while the other writer holds it.
+    stats_code, stats_out, _ = run(capsys, "--db", str(filled), "stats", "--json")
+    writer.join()
+    assert code == 2 and "locked" in one_line_error(err) and "try again" in err
+    assert stats_code == 0 and json.loads(stats_out)["pairs_imported"] == 1
+    after = rows(filled)
+    assert after["pairs"] == before["pairs"] and len(after["prompts"]) == len(before["prompts"]) + 1
 
 
 def test_an_import_that_fails_midway_adds_nothing(filled):
@@ -210,9 +234,11 @@ def test_damaged_database_is_refused_untouched_with_the_way_to_recover(capsys, d
                                     ["--top-p", "1.5"], ["--max-new-tokens", "0"], ["--limit", "0"],
                                     ["--limit", "-1"], ["--temperature", "nan"]])
 def test_bad_sampling_options_are_refused_before_the_model_loads(capsys, filled, option):
+    before = rows(filled)
     code, _, err = run(capsys, "--db", str(filled), "sample", *option, *MODEL)
-    assert code == 2 and f"argument {option[0]}" in err and "must be" in err or "not a finite" in err
-    assert "/nonexistent/model" not in err and "Traceback" not in err
+    assert code == 2 and f"argument {option[0]}" in one_line_error(err) and ("must be" in err or "not a finite" in err)
+    assert "/nonexistent/model" not in err
+    assert rows(filled) == before
 
 
 @pytest.mark.parametrize("argv", [["ppo", "--iterations", "-2"], ["ppo", "--minutes", "-1"],
@@ -328,5 +354,26 @@ def test_import_shows_the_first_bad_rows_and_a_count(capsys, filled, tmp_path):
 
 
 def test_a_folder_given_as_a_prompt_file_is_called_a_folder(capsys, filled, tmp_path):
+    before = rows(filled)
     code, _, err = run(capsys, "--db", str(filled), "prompts", "add", str(tmp_path))
     assert code == 2 and "is a folder" in one_line_error(err)
+    assert rows(filled) == before
+
+
+def test_utf16_is_named_not_called_binary(capsys, filled, tmp_path):
+    path = tmp_path / "windows.txt"
+    path.write_bytes("What is rain?\r\n".encode("utf-16"))
+    code, _, err = run(capsys, "--db", str(filled), "prompts", "add", str(path))
+    assert code == 2 and "is UTF-16 text: save it as UTF-8" in one_line_error(err)
+
+
+def test_export_warns_of_labeled_pairs_import_would_refuse(capsys, filled, tmp_path):
+    with Store(filled) as store:
+        pid = store.add_prompt("Say something short.")
+        ids = store.add_completions(pid, [{"text": t, "n_tokens": 2, "finish_reason": "eos", "policy_version": 0}
+                                          for t in ("Short.", "Short. ")])
+        store.record_comparison(pid, ids, "best", [0], [(ids[0], ids[1])], labeler="me")
+    out = tmp_path / "pairs.jsonl"
+    code, stdout, err = run(capsys, "--db", str(filled), "export", str(out))
+    assert code == 0 and "wrote 2 pairs" in stdout
+    assert "warning: 1 exported pairs would be refused by `rlhf import`" in err and "whitespace" in err

@@ -275,8 +275,11 @@ def test_missing_or_unreadable_files_are_one_clear_error(store, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         import_file(store, tmp_path / "nope.jsonl")
     binary = tmp_path / "binary.jsonl"
-    binary.write_bytes(b"\xff\xfebad")
+    binary.write_bytes(b"\xc3\x28bad")
     with pytest.raises(UserError, match="not UTF-8"):
+        import_file(store, binary)
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(UserError, match="UTF-16 text: save it as UTF-8"):
         import_file(store, binary)
     binary.write_bytes(b'{"prompt": "p", "chosen": "c\x00", "rejected": "r"}\n')
     with pytest.raises(UserError, match="binary file"):

@@ -282,7 +282,7 @@ def test_train_reward_follows_the_job_then_eval_reward_reads_a_file(capsys, db_p
 
     with Store(db_path) as store:
         synthetic_pairs(store, 24)
-        # Imported pairs only (issue 9: normalization once needed prompts to sample, and failed after training).
+        # Imported pairs only: nothing sampled, so normalization must not need prompts to sample.
         assert {p["chosen_finish"] for p in store.pairs()} == {"imported"}
     model = ["--model", tiny_dir, "--no-4bit", "--device", "cpu"]
     code, out, err = run_cli(capsys, "--db", str(db_path), "train-reward", "--finetune", "--epochs", "3", "--lr", "2e-3",
@@ -354,6 +354,23 @@ def test_a_few_dozen_rule_labels_train_a_reward_model_that_beats_chance_held_out
     assert meta["readout"] == {"layer": 1, "pool": "mean"}  # a third of the tiny model's two layers
     metrics = store.metrics(job_id)
     assert {"eval/loss", "epoch"} <= set(metrics)
+
+
+def test_a_trained_version_is_saved_before_a_later_step_can_fail(store, db_path, tiny_dir, monkeypatch):
+    import rlhf.reward
+
+    synthetic_pairs(store, 12)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the scoring pass after training failed")
+
+    monkeypatch.setattr(rlhf.reward, "completion_scores", broken)
+    job_id = store.create_job("reward", {"model": tiny_dir, "quantize": False, "device": "cpu", "steps": 2})
+    assert jobs.run(db_path, job_id) == 1
+    assert "scoring pass after training failed" in store.job(job_id)["error"]
+    saved = store.checkpoint("reward")
+    assert saved is not None and saved["job_id"] == job_id and saved["meta"]["steps"] == 2
+    assert "gain" not in saved["meta"]  # scored with gain 1, bias 0 until normalized
 
 
 def test_early_stopping_keeps_the_best_held_out_state(store, tiny_stack):

@@ -21,7 +21,7 @@ from rlhf.locations import default_db_path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rlhf.cli_options import Parser, add_db_option, add_model_options, at_least
+    from rlhf.commands.common import Parser, add_db_option, add_model_options, at_least
     from workbench.app import default_labeler
 
     parser = Parser(
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, db_path: Path) -> int:
-    from rlhf.cli_options import model_options
+    from rlhf.commands.common import model_options
     from rlhf.locking import AppLock
     from rlhf.models import pick_device
     from rlhf.store import Store

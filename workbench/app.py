@@ -27,9 +27,10 @@ from textual import work
 from textual.app import App
 from textual.binding import Binding
 from textual.reactive import reactive
-from textual.worker import NoActiveWorker, WorkerCancelled, get_current_worker
+from textual.worker import NoActiveWorker, Worker, WorkerCancelled, WorkerState, get_current_worker
 
 from rlhf.errors import UserError
+from rlhf.prompts import load_sample_prompts
 from rlhf.store import Store
 from workbench.commands import WorkbenchCommands
 from workbench.messages import CompletionsShown, LabelRecorded, ModelFailed, ModelLoaded, ModelStatus
@@ -130,7 +131,7 @@ class WorkbenchApp(App[None]):
         self.model_lock = threading.Lock()
         self.reward_scores = RewardScores(self)  # scores and agreement, once a reward model exists
         self.sub_title = str(store.path)
-        self._samples_added = self._load_sample_prompts() if load_samples else 0
+        self._samples_added = load_sample_prompts(self.store) if load_samples else 0
         versions = [c["version"] for c in store.checkpoints("policy")]
         self._target_version = (versions[-1] if versions else 0) if policy_version is None else policy_version
         if stack is not None and sampler is None:
@@ -144,16 +145,6 @@ class WorkbenchApp(App[None]):
             self.set_reactive(WorkbenchApp.model_status, "starting")
 
     # -- start-up
-
-    def _load_sample_prompts(self) -> int:
-        """First run on an empty database: the bundled sample prompts."""
-        if self.store.prompts():
-            return 0
-        from rlhf.prompts import bundled_prompt_file, read_prompt_file
-
-        parsed = read_prompt_file(bundled_prompt_file())
-        added, _ = self.store.add_prompts(parsed.prompts, source="sample_prompts/default.jsonl", meta=parsed.meta)
-        return added
 
     def on_mount(self) -> None:
         if self._samples_added:
@@ -270,6 +261,26 @@ class WorkbenchApp(App[None]):
             self.call_from_thread(setattr, self, "policy_version", version)
         self.call_from_thread(self.notify, f"sampling from policy v{version}" + (" (base)" if not version else ""))
 
+    # -- what a background task raised: reported here, once for every worker
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        self.report_worker_failure(event.worker)
+
+    def report_worker_failure(self, worker: Worker) -> None:
+        """A worker that raised: a UserError is a notice that says what to do;
+        anything else is a bug, logged with its traceback and named on screen.
+        Either way the app stays up (every worker runs with exit_on_error=False)."""
+        if worker.state is not WorkerState.ERROR or worker.error is None:
+            return
+        error = worker.error
+        if isinstance(error, UserError):
+            self.notify(str(error), severity="error", timeout=8)
+            return
+        logging.getLogger(__name__).error("background task %s failed", worker.group or worker.name,
+                                          exc_info=error)
+        self.notify(f"{worker.group or worker.name} failed: {type(error).__name__}: {error}", severity="error",
+                    timeout=10)
+
     # -- actions every screen has
 
     def get_key_display(self, binding: Binding) -> str:
@@ -313,15 +324,10 @@ class WorkbenchApp(App[None]):
 
     @work(thread=True, group="export", exit_on_error=False)
     def run_export(self, request: ExportRequest) -> None:
-        from rlhf.exchange import export_pairs
+        from rlhf.exchange import export_pairs, reimport_warning
 
-        try:
-            n = export_pairs(self.store, request.path, request.fmt, conversational=request.conversational)
-        except UserError as e:
-            self.call_from_thread(self.notify, str(e), severity="error", timeout=8)
-            return
-        except Exception as e:
-            logging.getLogger(__name__).exception("export failed")
-            self.call_from_thread(self.notify, f"export failed: {type(e).__name__}: {e}", severity="error")
-            return
+        n = export_pairs(self.store, request.path, request.fmt, conversational=request.conversational)
         self.call_from_thread(self.notify, f"exported {n} pairs to {request.path} ({request.fmt})")
+        warning = reimport_warning(request.path)
+        if warning:
+            self.call_from_thread(self.notify, warning, severity="warning", timeout=10)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from rlhf.commands.common import add_model_options, at_least, model_options, open_db, positive, say
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from rlhf.cli_options import add_model_options, at_least, positive
 
     drift = sub.add_parser("drift", help="how far policy versions drifted from the reference").add_subparsers(
         dest="drift_command", required=True, metavar="ACTION")
@@ -29,7 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_winrate(args: argparse.Namespace) -> int:
-    from rlhf.cli import open_db
     from rlhf.drift import drift_table, over_optimization
 
     with open_db(args) as store:
@@ -56,8 +56,6 @@ def cmd_winrate(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     import torch
 
-    from rlhf.cli import open_db, say
-    from rlhf.cli_options import model_options
     from rlhf.drift import answer_pair, load_drift_version, probe_prompts
     from rlhf.models import load_stack
     from rlhf.sampling import SamplingParams

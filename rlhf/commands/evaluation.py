@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from rlhf.commands.common import add_model_options, add_sampling_options, at_least, model_options, open_db, say
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from rlhf.cli_options import add_model_options, add_sampling_options, at_least
 
     p = sub.add_parser("eval-policy", help="win-rate of a policy version over the reference by a rule, "
                                            "on held-out prompts, with its KL",
@@ -31,8 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval_policy(args: argparse.Namespace) -> int:
-    from rlhf.cli import open_db, say
-    from rlhf.cli_options import model_options
     from rlhf.errors import UserError
     from rlhf.evaluation import evaluate, load_versions
     from rlhf.models import load_stack

@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rlhf.commands.common import at_least, open_db, say
 from rlhf.errors import UserError
 from rlhf.text_input import MAX_TEXT_CHARS, error_summary
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from rlhf.cli_options import at_least
 
     p = sub.add_parser("export", help="write preference pairs as TRL JSONL, Parquet or a datasets folder")
     p.add_argument("out", type=Path, help="output file (.jsonl, .parquet) or folder (--format hf)")
@@ -43,8 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from rlhf.cli import open_db
-    from rlhf.exchange import export_pairs, format_for
+    from rlhf.exchange import export_pairs, format_for, reimport_warning
 
     fmt = args.fmt or format_for(args.out)
     if fmt is None:
@@ -55,11 +54,13 @@ def cmd_export(args: argparse.Namespace) -> int:
                          metadata=args.metadata)
     style = "conversational" if args.conversational else "standard"
     print(f"wrote {n} pairs to {args.out} ({fmt}, {style})")
+    warning = reimport_warning(args.out)
+    if warning:
+        say(f"warning: {warning}")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from rlhf.cli import open_db, say
     from rlhf.exchange import import_file
 
     with open_db(args) as store:

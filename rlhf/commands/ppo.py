@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from rlhf.commands.common import add_model_options, add_sampling_options, at_least, open_db, positive, say
 from rlhf.errors import UserError
 
 # What --wait prints per iteration: (metric, label, format).
@@ -18,7 +19,6 @@ PROGRESS = (("objective/scores", "score", "{:.3f}"), ("objective/scores_std", "s
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from rlhf.cli_options import add_model_options, add_sampling_options, at_least, positive
 
     p = sub.add_parser("ppo", help="run a short KL-regularized PPO session in the background",
                        description="Start (or with --resume, continue) a PPO session as a background job. "
@@ -84,7 +84,6 @@ def session_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_ppo(args: argparse.Namespace) -> int:
     from rlhf import jobs
-    from rlhf.cli import open_db, say
     from rlhf.ppo import PPOConfig, check_can_start, sampling_mismatch, session_settings, start_session
 
     config = session_config(args)
@@ -116,21 +115,15 @@ def follow(store: Any, job_id: int, say: Any) -> dict[str, Any]:
     from rlhf import jobs
     from rlhf.ppo import penalty_warning
 
-    shown = [0]
-
-    def on_poll(job: dict[str, Any]) -> None:
-        series = store.metrics(job_id, after_step=shown[0])
-        for step in sorted({s for values in series.values() for s, _ in values}):
-            row = {name: v for name, values in series.items() for s, v in values if s == step}
-            parts = [f"{label} {fmt.format(row[name])}" for name, label, fmt in PROGRESS if name in row]
-            print(f"iteration {step}: " + "  ".join(parts), flush=True)
-            warning = penalty_warning(row)
-            if warning:
-                print(f"warning: {warning}", flush=True)
-            shown[0] = step
+    def on_step(job: dict[str, Any], step: int, row: dict[str, float]) -> None:
+        parts = [f"{label} {fmt.format(row[name])}" for name, label, fmt in PROGRESS if name in row]
+        print(f"iteration {step}: " + "  ".join(parts), flush=True)
+        warning = penalty_warning(row)
+        if warning:
+            print(f"warning: {warning}", flush=True)
 
     try:
-        return jobs.wait(store, job_id, timeout_s=7 * 24 * 3600, on_poll=on_poll)
+        return jobs.follow(store, job_id, on_step)
     except KeyboardInterrupt:
         say(f"stopped following; job {job_id} keeps running (`rlhf ppo-control stop` ends it)")
         raise
@@ -138,7 +131,6 @@ def follow(store: Any, job_id: int, say: Any) -> dict[str, Any]:
 
 def cmd_ppo_control(args: argparse.Namespace) -> int:
     from rlhf import jobs
-    from rlhf.cli import open_db
 
     with open_db(args) as store:
         job_id = args.job

@@ -12,12 +12,12 @@ import sys
 import time
 from typing import Any
 
+from rlhf.commands.common import add_model_options, at_least, model_options, open_db, say
 from rlhf.errors import UserError
 from rlhf.text_input import error_summary
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from rlhf.cli_options import add_model_options, at_least
 
     p = sub.add_parser("train-reward", help="train a reward model on the recorded pairs (a background job)")
     length = p.add_mutually_exclusive_group()
@@ -79,15 +79,14 @@ def job_config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
-def progress_line(job: dict[str, Any], metrics: dict[str, list[tuple[int, float]]]) -> str:
+def progress_line(job: dict[str, Any], step: int, metrics: dict[str, float]) -> str:
     """One line per logged step: step/total, loss, accuracy, held-out accuracy."""
-    def last(name: str) -> str:
-        series = metrics.get(name)
-        return f"{series[-1][1]:.3f}" if series else "-"
+    def shown(name: str) -> str:
+        return f"{metrics[name]:.3f}" if name in metrics else "-"
 
     total = job["total_steps"] or "?"
-    return (f"step {job['step']}/{total}  loss {last('loss')}  accuracy {last('accuracy')}  "
-            f"held-out accuracy {last('eval/accuracy')}  margin {last('margin')}")
+    return (f"step {step}/{total}  loss {shown('loss')}  accuracy {shown('accuracy')}  "
+            f"held-out accuracy {shown('eval/accuracy')}  margin {shown('margin')}")
 
 
 def summary_lines(version: int, meta: dict[str, Any]) -> list[str]:
@@ -114,8 +113,6 @@ def summary_lines(version: int, meta: dict[str, Any]) -> list[str]:
 
 def cmd_train_reward(args: argparse.Namespace) -> int:
     from rlhf import jobs
-    from rlhf.cli import open_db
-
     from rlhf.reward import check_pairs
 
     config = job_config(args)
@@ -125,15 +122,14 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
         print(f"started reward job {job_id}; log in {jobs.log_path(store.path, job_id)}")
         if not args.wait:
             return 0
-        seen = {"step": 0}
+        latest: dict[str, float] = {}  # held-out figures come every few steps: show the last ones
 
-        def on_poll(job: dict[str, Any]) -> None:
-            if job["step"] > seen["step"]:
-                seen["step"] = job["step"]
-                print(progress_line(job, store.metrics(job_id)), flush=True)
+        def on_step(job: dict[str, Any], step: int, metrics: dict[str, float]) -> None:
+            latest.update(metrics)
+            print(progress_line(job, step, latest), flush=True)
 
         try:
-            job = jobs.wait(store, job_id, timeout_s=float("inf"), on_poll=on_poll)
+            job = jobs.follow(store, job_id, on_step)
         except KeyboardInterrupt:
             print(f"stopped following; job {job_id} keeps running in the background",
                   file=sys.stderr)
@@ -150,8 +146,6 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_reward(args: argparse.Namespace) -> int:
-    from rlhf.cli import open_db, say
-    from rlhf.cli_options import model_options
     from rlhf.exchange import read_preference_file
     from rlhf.models import load_stack
     from rlhf.reward import evaluate_texts, load_scorer

@@ -9,27 +9,26 @@ Scoring needs the model, so it runs in a worker; the table fills when it is done
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
-from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Static
 
 from rlhf.errors import UserError
+from workbench.screens.base import WorkbenchScreen
 from workbench.widgets.text import one_line
 
 if TYPE_CHECKING:
     from rlhf.reward import LabeledPairScore
-    from workbench.app import WorkbenchApp
 
 SNIPPET = 48
 
 
-class DisagreementsScreen(Screen[None]):
+class DisagreementsScreen(WorkbenchScreen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back", tooltip="Back to the Train screen"),
         Binding("r", "refresh", "Refresh", tooltip="Score the labeled pairs again"),
@@ -40,17 +39,12 @@ class DisagreementsScreen(Screen[None]):
         self.rows: list[LabeledPairScore] = []
         self.n_pairs = 0
 
-    @property
-    def wb(self) -> WorkbenchApp:
-        return cast("WorkbenchApp", self.app)
 
-    def compose(self) -> ComposeResult:
-        yield Header()
+    def compose_body(self) -> ComposeResult:
         yield Static("scoring the labeled pairs…", id="disagree-status", markup=False)
         yield DataTable(id="disagree-table", cursor_type="row", zebra_stripes=True)
         with VerticalScroll(id="disagree-detail"):
             yield Static("", id="disagree-text", markup=False)
-        yield Footer()
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from rich.style import Style
 from rich.text import Text
@@ -32,15 +32,14 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Label, Select, Static, Switch
+from textual.widgets import Button, Label, Select, Static, Switch
 from textual_plotext import PlotextPlot
 
 from rlhf.errors import UserError
+from workbench.screens.base import WorkbenchScreen
 
 if TYPE_CHECKING:
     from rlhf.drift import BlindPair, DriftAnswer, DriftPair, VersionDrift
-    from workbench.app import WorkbenchApp
 
 # |log-ratio| at which the shading is full.
 FULL_SHADE = 2.0
@@ -65,7 +64,7 @@ def shaded_text(answer: DriftAnswer) -> Text:
     return text
 
 
-class DriftScreen(Screen[None]):
+class DriftScreen(WorkbenchScreen):
     BINDINGS = [
         Binding("n", "next_probe", "Next probe", tooltip="Answer the next probe prompt with both models"),
         Binding("b", "toggle_blind", "Blind", tooltip="Blind labeling on/off"),
@@ -90,12 +89,8 @@ class DriftScreen(Screen[None]):
         self.shown_at = 0.0  # when the blind pair appeared: labels record the seconds taken
         self.params: Any = None  # SamplingParams; tests make them tiny
 
-    @property
-    def wb(self) -> WorkbenchApp:
-        return cast("WorkbenchApp", self.app)
 
-    def compose(self) -> ComposeResult:
-        yield Header()
+    def compose_body(self) -> ComposeResult:
         yield Static("", id="drift-status", markup=False)
         with Horizontal(id="drift-controls"):
             yield Label("policy version", classes="drift-label")
@@ -111,7 +106,6 @@ class DriftScreen(Screen[None]):
         with Horizontal(id="drift-plots"):
             yield PlotextPlot(id="drift-winrate")
             yield PlotextPlot(id="drift-reward")
-        yield Footer()
 
     def on_mount(self) -> None:
         from rlhf.drift import probe_prompts

@@ -1,6 +1,6 @@
 """The labeling screen: a prompt, K completions side by side, keys to judge them.
 
-What a label records (issue 3): the completions in the order shown, the kind of
+What a label records: the completions in the order shown, the kind of
 answer and the choice (shown positions, best first), the labeler, and the
 seconds from when the completions appeared to the key press. Pairs follow from
 rlhf.preferences: a pick gives K-1, a full ranking C(K,2), the rest none.
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, Horizontal, Vertical
-from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Static
 from textual.worker import WorkerCancelled
 
 from rlhf.errors import UserError
@@ -35,14 +34,12 @@ from workbench.messages import (
     SamplingFailed,
     SamplingSkipped,
 )
+from workbench.screens.base import WorkbenchScreen
 from workbench.screens.dialogs import PromptEditor, RuleDialog
 from workbench.widgets.activity import Activity
 from workbench.widgets.completion_card import CompletionCard
 from workbench.widgets.prompt_list import PromptList
 from workbench.widgets.status_line import StatusLine
-
-if TYPE_CHECKING:
-    from workbench.app import WorkbenchApp
 
 MAX_K = 6
 LABEL_ACTIONS = ("pick", "label", "toggle_ranking")
@@ -51,7 +48,7 @@ LABEL_ACTIONS = ("pick", "label", "toggle_ranking")
 NARROW_COLUMNS = 100
 
 
-class LabelScreen(Screen[None]):
+class LabelScreen(WorkbenchScreen):
     BINDINGS = [
         Binding("1", "pick(1)", "Pick", tooltip="Pick completion 1 as best (or rank it next)"),
         *[Binding(str(n), f"pick({n})", "Pick", show=False, tooltip=f"Pick completion {n} as best (or rank it next)")
@@ -86,14 +83,10 @@ class LabelScreen(Screen[None]):
         # sampling. Replaced, never mutated, so worker threads can read it.
         self._wanted: frozenset[int] = frozenset()
 
-    @property
-    def wb(self) -> WorkbenchApp:
-        return cast("WorkbenchApp", self.app)
 
     # -- layout
 
-    def compose(self) -> ComposeResult:
-        yield Header()
+    def compose_body(self) -> ComposeResult:
         yield StatusLine(id="status")
         yield Activity(id="model-activity")
         with Horizontal(id="label-body"):
@@ -105,7 +98,6 @@ class LabelScreen(Screen[None]):
                 with Container(id="completions"):
                     for n in range(1, self.wb.k + 1):
                         yield CompletionCard(n, id=f"card-{n}")
-        yield Footer()
 
     def on_mount(self) -> None:
         self.deck = Deck(self.wb.store, self.wb.k, rng=self.wb.rng)
@@ -316,7 +308,7 @@ class LabelScreen(Screen[None]):
         self.query_one(PromptList).fill([(p.id, p.text, self.deck.is_labeled(p.id)) for p in prompts],
                                         self.deck.current_id)
 
-    # -- hooks for the reward model (filled in by a later issue)
+    # -- what the reward model says about the shown completions (rlhf.reward, via RewardScores)
 
     def show_scores(self, scores: list[float] | None) -> None:
         """Reward-model scores of the shown completions, in display order (None clears)."""
@@ -421,11 +413,7 @@ class LabelScreen(Screen[None]):
         from rlhf.preferences import label_by_rule
         from rlhf.rules import parse_rule
 
-        try:
-            kinds = label_by_rule(self.wb.store, parse_rule(spec), k=self.wb.k)
-        except UserError as e:
-            self.app.call_from_thread(self.notify, str(e), severity="error", timeout=8)
-            return
+        kinds = label_by_rule(self.wb.store, parse_rule(spec), k=self.wb.k)
         self.app.call_from_thread(self._rule_labeled, spec, dict(kinds))
 
     def _rule_labeled(self, spec: str, kinds: dict[str, int]) -> None:

@@ -10,25 +10,20 @@ event loop, which redraws. Nothing here waits on training.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal
-from textual.screen import Screen
-from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Label, ProgressBar, Select, Static
+from textual.widgets import Button, Checkbox, DataTable, Label, ProgressBar, Select, Static
 from textual_plotext import PlotextPlot
 
-from rlhf.errors import UserError
 from rlhf.store import ACTIVE_JOB_STATUSES
 from workbench.job_follow import just_finished, merge_new_points
+from workbench.screens.base import WorkbenchScreen
 from workbench.widgets.text import one_line
-
-if TYPE_CHECKING:
-    from workbench.app import WorkbenchApp
 
 POLL_S = 1.0
 ACTIVE = ACTIVE_JOB_STATUSES
@@ -59,7 +54,7 @@ class Snapshot:
     last_version: int | None = None
 
 
-class PPOScreen(Screen[None]):
+class PPOScreen(WorkbenchScreen):
     BINDINGS = [
         Binding("s", "start", "Start", tooltip="Start a PPO session from the latest policy"),
         Binding("c", "continue_session", "Continue", tooltip="Resume a stopped session from its last checkpoint"),
@@ -79,12 +74,8 @@ class PPOScreen(Screen[None]):
         # Extra job config for sessions started here (tests make them tiny).
         self.job_defaults: dict[str, Any] = {}
 
-    @property
-    def wb(self) -> WorkbenchApp:
-        return cast("WorkbenchApp", self.app)
 
-    def compose(self) -> ComposeResult:
-        yield Header()
+    def compose_body(self) -> ComposeResult:
         yield Static("", id="ppo-status", markup=False)
         with Horizontal(id="ppo-controls"):
             yield Label("iterations", classes="ppo-label")
@@ -104,7 +95,6 @@ class PPOScreen(Screen[None]):
                 yield PlotextPlot(id=plot_id)
             yield PlotextPlot(id="plot-reward-kl")
         yield DataTable(id="ppo-rollouts", zebra_stripes=True, cursor_type="row")
-        yield Footer()
 
     def on_mount(self) -> None:
         table = self.query_one("#ppo-rollouts", DataTable)
@@ -286,17 +276,9 @@ class PPOScreen(Screen[None]):
     def _start(self, config: dict[str, Any]) -> None:
         from rlhf.ppo import PPOConfig, sampling_mismatch, session_settings, start_session
 
-        try:
-            PPOConfig.from_dict(config)
-            job_id = start_session(self.wb.store, config)
-            mismatch = sampling_mismatch(session_settings(self.wb.store, config), self.wb.store)
-        except UserError as e:
-            self.app.call_from_thread(self.notify, str(e), severity="error", timeout=8)
-            return
-        except OSError as e:  # could not spawn the process
-            logging.getLogger(__name__).exception("could not start the PPO job")
-            self.app.call_from_thread(self.notify, f"could not start PPO: {e}", severity="error")
-            return
+        PPOConfig.from_dict(config)
+        job_id = start_session(self.wb.store, config)
+        mismatch = sampling_mismatch(session_settings(self.wb.store, config), self.wb.store)
         what = "continuing the last session" if config.get("resume") else "started"
         self.app.call_from_thread(self.notify, f"PPO job {job_id} {what}")
         if mismatch:
@@ -313,11 +295,7 @@ class PPOScreen(Screen[None]):
     def _control(self, job_id: int, action: str) -> None:
         from rlhf import jobs
 
-        try:
-            jobs.request(self.wb.store, job_id, action)
-        except UserError as e:
-            self.app.call_from_thread(self.notify, str(e), severity="warning")
-            return
+        jobs.request(self.wb.store, job_id, action)
         said = {"pause": "pausing", "resume": "resuming", "cancel": "stopping"}[action]
         self.app.call_from_thread(self.notify, f"{said} PPO job {job_id} (between iterations)")
         self.app.call_from_thread(self.poll)

@@ -9,25 +9,20 @@ so labeling can go on in the other mode while a job runs.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Label, ProgressBar, Select, Static
+from textual.widgets import Button, Label, ProgressBar, Select, Static
 from textual_plotext import PlotextPlot
 
-from rlhf.errors import UserError
 from rlhf.stats import rate_text
 from rlhf.store import ACTIVE_JOB_STATUSES
 from workbench.job_follow import just_finished, merge_new_points
-
-if TYPE_CHECKING:
-    from workbench.app import WorkbenchApp
+from workbench.screens.base import WorkbenchScreen
 
 POLL_S = 1.0
 ACTIVE = ACTIVE_JOB_STATUSES
@@ -61,7 +56,7 @@ def length_check(meta: dict[str, Any]) -> str:
     return text
 
 
-class TrainScreen(Screen[None]):
+class TrainScreen(WorkbenchScreen):
     BINDINGS = [
         Binding("s", "start", "Start", tooltip="Start training a reward model on the recorded pairs"),
         Binding("c", "cancel", "Cancel", tooltip="Cancel the running training job (stops within one step)"),
@@ -77,12 +72,8 @@ class TrainScreen(Screen[None]):
         # Extra RewardConfig fields for jobs started here (tests make them tiny).
         self.job_defaults: dict[str, Any] = {}
 
-    @property
-    def wb(self) -> WorkbenchApp:
-        return cast("WorkbenchApp", self.app)
 
-    def compose(self) -> ComposeResult:
-        yield Header()
+    def compose_body(self) -> ComposeResult:
         yield Static("", id="train-status", markup=False)
         with Horizontal(id="train-controls"):
             yield Label("pairs", classes="train-label")
@@ -96,7 +87,6 @@ class TrainScreen(Screen[None]):
         with Horizontal(id="train-plots"):
             yield PlotextPlot(id="loss-plot")
             yield PlotextPlot(id="accuracy-plot")
-        yield Footer()
 
     def on_mount(self) -> None:
         self._draw()
@@ -245,16 +235,8 @@ class TrainScreen(Screen[None]):
         from rlhf import jobs
         from rlhf.reward import RewardConfig, check_pairs
 
-        try:
-            check_pairs(self.wb.store, RewardConfig.from_dict(config).sources)
-            job_id = jobs.start_job(self.wb.store, "reward", config)
-        except UserError as e:
-            self.app.call_from_thread(self.notify, str(e), severity="error", timeout=8)
-            return
-        except OSError as e:  # could not spawn the process
-            logging.getLogger(__name__).exception("could not start the job")
-            self.app.call_from_thread(self.notify, f"could not start training: {e}", severity="error")
-            return
+        check_pairs(self.wb.store, RewardConfig.from_dict(config).sources)
+        job_id = jobs.start_job(self.wb.store, "reward", config)
         self.app.call_from_thread(self.notify, f"started reward job {job_id}")
         self.app.call_from_thread(self.poll)
 
@@ -268,11 +250,7 @@ class TrainScreen(Screen[None]):
     def _cancel(self, job_id: int) -> None:
         from rlhf import jobs
 
-        try:
-            jobs.request(self.wb.store, job_id, "cancel")
-        except UserError as e:
-            self.app.call_from_thread(self.notify, str(e), severity="warning")
-            return
+        jobs.request(self.wb.store, job_id, "cancel")
         self.app.call_from_thread(self.notify, f"cancelling job {job_id} (it stops after the current step)")
 
     def action_disagreements(self) -> None:

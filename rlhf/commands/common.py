@@ -1,15 +1,23 @@
-"""The command line's option types and shared option groups, for `rlhf` and the
-workbench alike. A bad value is refused while the options are parsed, in one
-line, before a database opens or a model loads."""
+"""What every command shares: the parser, option types and option groups (for
+`rlhf` and the workbench alike), opening the database, talking on stderr.
+
+A bad option value is refused while the options are parsed, in one line,
+before a database opens or a model loads.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from rlhf.locations import DEFAULT_DB_NAME
+from rlhf.store import Store
+
+if TYPE_CHECKING:
+    from rlhf.models import ModelOptions
 
 
 class Parser(argparse.ArgumentParser):
@@ -106,7 +114,21 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, defaults: bool = Tr
         parser.add_argument(flag, type=kind, default=value if defaults else None, help=f"{about} ({note})")
 
 
-def model_options(args: argparse.Namespace):  # -> ModelOptions, imported lazily (torch is slow to import)
-    from rlhf.models import ModelOptions
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    from rlhf.models import ModelOptions  # here: torch takes seconds to import, `rlhf --help` none
 
     return ModelOptions(source=args.model, quantize=args.quantize, device=args.device)
+
+
+# --- running a command ------------------------------------------------------------------
+
+
+def open_db(args: argparse.Namespace, *, create: bool = False) -> Store:
+    """The --db database. Only `init` creates one: elsewhere a mistyped path
+    must not quietly become a new, empty database."""
+    return Store(args.db, create=create)
+
+
+def say(msg: str) -> None:
+    """Progress and warnings go to stderr; stdout holds only results."""
+    print(msg, file=sys.stderr)

@@ -1,0 +1,58 @@
+"""`rlhf stats` (what the database holds) and `rlhf jobs` (background jobs:
+status, why one failed, where its log is)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rlhf.commands.common import open_db
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("jobs", help="background jobs (reward training, PPO): status, reason for a failure, log")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("stats", help="counts of prompts, labels, pairs and versions")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_stats)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from rlhf.jobs import refresh
+
+    with open_db(args) as store:
+        refresh(store)  # a killed job is not active, whatever its row last said
+        stats = store.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    width = max(len(k) for k in stats)
+    for key, value in stats.items():
+        print(f"{key.replace('_', ' '):<{width}}  {value}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from rlhf.jobs import log_path, refresh
+
+    with open_db(args) as store:
+        refresh(store)
+        rows = [{"id": j["id"], "kind": j["kind"], "status": j["status"], "step": j["step"],
+                 "total_steps": j["total_steps"], "started_at": j["started_at"], "finished_at": j["finished_at"],
+                 "error": j["error"], "log": str(log_path(store.path, j["id"]))} for j in store.jobs()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no jobs yet: `rlhf train-reward` and `rlhf ppo` start them")
+        return 0
+    for job in rows:
+        when = " to ".join(s[:19].replace("T", " ") for s in (job["started_at"], job["finished_at"]) if s)
+        print(f"job {job['id']}  {job['kind']:<6}  {job['status']:<9}  step {job['step']}/{job['total_steps'] or '?'}"
+              f"  {when or 'not started'}")
+        if job["error"]:
+            print(f"    reason: {job['error']}")
+        print(f"    log: {job['log']}")
+    return 0
