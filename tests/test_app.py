@@ -6,15 +6,14 @@ runs in about a second; one test loads the tiny random model for real.
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from conftest import PROMPTS, FakeSampler, label_screen, make_app, shown, wait_for
 
 from rlhf.locking import AppLock
 from rlhf.prompts import bundled_prompt_file, read_prompt_file
@@ -23,63 +22,7 @@ from rlhf.store import Store
 from workbench.__main__ import main
 from workbench.app import WorkbenchApp
 from workbench.screens.help import HelpScreen
-from workbench.screens.label import LabelScreen
 from workbench.widgets.completion_card import CompletionCard
-
-PROMPTS = ["First prompt?", "Second prompt?", "Third prompt?", "Fourth prompt?"]
-
-
-class FakeSampler:
-    """Numbered completions; optionally slow; counts its calls."""
-
-    def __init__(self, delay: float = 0.0, cut_every: int = 0) -> None:
-        self.delay = delay
-        self.cut_every = cut_every
-        self.calls: list[str] = []
-        self._n = itertools.count(1)
-        self.release = threading.Event()
-        self.release.set()
-
-    def __call__(self, prompts: list[str], k: int) -> list[list[Sample]]:
-        self.release.wait(10)
-        time.sleep(self.delay)
-        out = []
-        for p in prompts:
-            self.calls.append(p)
-            row = []
-            for _ in range(k):
-                n = next(self._n)
-                cut = bool(self.cut_every) and n % self.cut_every == 0
-                row.append(Sample(text=f"answer {n} to {p}", token_ids=[5] * (n % 7 + 1) + ([] if cut else [2]),
-                                  logprobs=[-1.0] * (n % 7 + 1 + (0 if cut else 1)),
-                                  finish_reason="length" if cut else "eos"))
-            out.append(row)
-        return out
-
-
-def make_app(store: Store, sampler: Callable | None = None, k: int = 4, **kw) -> WorkbenchApp:
-    if not store.prompts():
-        store.add_prompts(PROMPTS)
-    return WorkbenchApp(store, k=k, labeler="tester", sampler=sampler or FakeSampler(),
-                        rng=random.Random(0), **kw)
-
-
-async def wait_for(pilot, condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await pilot.pause(0.02)
-
-
-def label_screen(app: WorkbenchApp) -> LabelScreen:
-    return next(s for s in app.screen_stack if isinstance(s, LabelScreen))
-
-
-async def shown(pilot, app: WorkbenchApp) -> LabelScreen:
-    screen = label_screen(app)
-    await wait_for(pilot, lambda: len(screen.shown) == app.k)
-    return screen
 
 
 async def run_command(pilot, search: str) -> None:

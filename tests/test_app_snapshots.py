@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from test_app import PROMPTS, FakeSampler, shown
+from conftest import PROMPTS, FakeSampler, shown
 
 from workbench.app import WorkbenchApp
 

@@ -126,7 +126,7 @@ def test_version_zero_is_not_a_drift_target(tiny_stack, store):
 
 
 async def test_drift_screen_side_by_side_blind_labels_and_warning(store, tiny_stack, tmp_path):
-    from test_app import FakeSampler, make_app, wait_for
+    from conftest import FakeSampler, make_app, wait_for
 
     from workbench.screens.drift import DriftScreen
 

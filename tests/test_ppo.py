@@ -320,8 +320,7 @@ def test_stop_then_resume_continues_from_the_saved_version(store, db_path, tiny_
 async def test_ppo_screen_starts_pauses_stops_and_continues_a_session(store, tiny_stack):
     """The real job behind the screen: plots fill, the rollouts table shows the
     latest batch, and start / pause / resume / stop / continue reach the job."""
-    from test_app import FakeSampler, make_app, wait_for
-    from test_reward_screens import wait_slow
+    from conftest import FakeSampler, make_app, wait_for
 
     from workbench.screens.ppo import PPOScreen
 
@@ -334,23 +333,23 @@ async def test_ppo_screen_starts_pauses_stops_and_continues_a_session(store, tin
         screen.job_defaults = {"reward": "rule:distinct", "iterations": 200, "batch_size": 4, "mini_batch_size": 2,
                                "epochs": 1, "max_new_tokens": 4}
         await pilot.press("s")
-        await wait_slow(pilot, lambda: len(screen.series.get("objective/kl", [])) >= 1 and screen.rollouts, 90)
+        await wait_for(pilot, lambda: len(screen.series.get("objective/kl", [])) >= 1 and screen.rollouts, 90)
         assert screen.job["config"]["model"] == tiny_stack.model_dir
         assert screen.query_one("#ppo-rollouts").row_count == 4
         await pilot.press("p")
-        await wait_slow(pilot, lambda: screen.job["status"] == "paused", 60)
+        await wait_for(pilot, lambda: screen.job["status"] == "paused", 60)
         assert "r resumes" in str(screen.query_one("#ppo-status").render())
         step = screen.job["step"]
         await pilot.press("r")
-        await wait_slow(pilot, lambda: screen.job["status"] == "running" and screen.job["step"] > step, 60)
+        await wait_for(pilot, lambda: screen.job["status"] == "running" and screen.job["step"] > step, 60)
         await pilot.press("e")
-        await wait_slow(pilot, lambda: screen.job["status"] == "cancelled", 60)
+        await wait_for(pilot, lambda: screen.job["status"] == "cancelled", 60)
         stopped_at = store.checkpoint("policy")
         assert stopped_at is not None
 
         screen.job_defaults["iterations"] = 1
         await pilot.press("c")
-        await wait_slow(pilot, lambda: screen.job["id"] != stopped_at["job_id"] and screen.job["status"] == "done",
+        await wait_for(pilot, lambda: screen.job["id"] != stopped_at["job_id"] and screen.job["status"] == "done",
                         90)
         latest = store.checkpoint("policy")
         assert latest["parent_version"] == stopped_at["version"]

@@ -13,6 +13,8 @@ import time
 import pytest
 import torch
 
+from conftest import WORDS, synthetic_pairs
+
 from rlhf import jobs
 from rlhf.errors import UserError
 from rlhf.preferences import record_label
@@ -21,20 +23,6 @@ from rlhf.reward import (RewardConfig, RewardScorer, agreement, bradley_terry_lo
 from rlhf.reward_data import Element, split_by_prompt, store_elements
 from rlhf.sampling import SamplingParams, chat_prompt_ids, sample_k
 from rlhf.store import Store, now
-
-WORDS = "red green blue sky tree river stone cloud house road bird fish lamp chair door".split()
-
-
-def synthetic_pairs(store, n: int, seed: int = 0, word: str = "banana") -> None:
-    """A labeler who prefers the completion containing ``word``; both completions
-    have the same length, so only the word tells them apart."""
-    rng = random.Random(seed)
-    for i in range(n):
-        a, b = rng.choices(WORDS, k=5), rng.choices(WORDS, k=5)
-        a.insert(rng.randrange(6), word)
-        b.insert(rng.randrange(6), rng.choice(WORDS))
-        store.add_imported_pair(f"Question {i}: say something", " ".join(a), " ".join(b), "synthetic", f"k{i}")
-
 
 # --- the loss -----------------------------------------------------------------------
 

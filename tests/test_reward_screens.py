@@ -4,10 +4,7 @@ the pairs the reward model gets wrong, worst first."""
 
 from __future__ import annotations
 
-import time
-
-from test_app import FakeSampler, label_screen, make_app, wait_for
-from test_reward import synthetic_pairs
+from conftest import FakeSampler, label_screen, make_app, synthetic_pairs, wait_for
 
 from rlhf.preferences import record_label
 from workbench.screens.disagreements import DisagreementsScreen
@@ -16,14 +13,6 @@ from workbench.widgets.completion_card import CompletionCard
 from workbench.widgets.status_line import StatusLine
 
 TINY_JOB = {"lr": 2e-3, "batch_size": 8, "accum": 1, "eval_fraction": 0.25, "eval_every": 2}
-
-
-async def wait_slow(pilot, condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await pilot.pause(0.2)
 
 
 async def test_train_screen_cancels_then_trains_with_live_plots(store, tiny_stack):
@@ -37,16 +26,16 @@ async def test_train_screen_cancels_then_trains_with_live_plots(store, tiny_stac
 
         screen.job_defaults = {**TINY_JOB, "steps": 100000}
         await pilot.press("s")
-        await wait_slow(pilot, lambda: screen.job is not None and screen.job["step"] >= 2, 90)
+        await wait_for(pilot, lambda: screen.job is not None and screen.job["step"] >= 2, 90)
         assert screen.job["config"]["model"] == tiny_stack.model_dir
         await pilot.press("c")
-        await wait_slow(pilot, lambda: screen.job["status"] == "cancelled", 30)
+        await wait_for(pilot, lambda: screen.job["status"] == "cancelled", 30)
         assert "cancelled" in str(screen.query_one("#train-status").render())
 
         screen.job_defaults = {**TINY_JOB, "epochs": 2}
         await pilot.press("s")
-        await wait_slow(pilot, lambda: screen.job["status"] == "done" and store.checkpoint("reward"), 120)
-        await wait_slow(pilot, lambda: "reward v1" in str(screen.query_one("#train-status").render()), 10)
+        await wait_for(pilot, lambda: screen.job["status"] == "done" and store.checkpoint("reward"), 120)
+        await wait_for(pilot, lambda: "reward v1" in str(screen.query_one("#train-status").render()), 10)
         status = str(screen.query_one("#train-status").render())
         assert "held-out accuracy" in status and "95% CI" in status and "score~length r" in status
         total = screen.job["total_steps"]
