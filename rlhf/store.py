@@ -461,18 +461,15 @@ class Store:
         """Queue a job. With ``exclusive``, refuse while another job is active:
         two training jobs on one machine would only fight for its cores and memory.
         ``is_alive`` lets the caller clear jobs whose process died first."""
+        if is_alive is not None:
+            self.mark_dead_jobs(is_alive)
         with self._write() as db:
             marks = ", ".join("?" for _ in ACTIVE_JOB_STATUSES)
-            active = [dict(r) for r in db.execute(
-                f"SELECT * FROM jobs WHERE status IN ({marks})", ACTIVE_JOB_STATUSES).fetchall()]
-            for job in active:
-                if is_alive is not None and not is_alive(job):
-                    db.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
-                               [_died_message(job), now(), job["id"]])
-                elif exclusive:
-                    raise UserError(
-                        f"job {job['id']} ({job['kind']}) is already {job['status']} on this database: "
-                        "wait for it, or cancel it first")
+            active = db.execute(f"SELECT id, kind, status FROM jobs WHERE status IN ({marks}) ORDER BY id LIMIT 1",
+                                ACTIVE_JOB_STATUSES).fetchone()
+            if exclusive and active is not None:
+                raise UserError(f"job {active['id']} ({active['kind']}) is already {active['status']} on this "
+                                "database: wait for it, or cancel it first")
             cur = db.execute(
                 "INSERT INTO jobs (kind, status, config, total_steps, created_at) VALUES (?, 'queued', ?, ?, ?)",
                 [kind, json.dumps(config), total_steps, now()])

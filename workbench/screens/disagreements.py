@@ -39,7 +39,6 @@ class DisagreementsScreen(WorkbenchScreen):
         self.rows: list[LabeledPairScore] = []
         self.n_pairs = 0
 
-
     def compose_body(self) -> ComposeResult:
         yield Static("scoring the labeled pairs…", id="disagree-status", markup=False)
         yield DataTable(id="disagree-table", cursor_type="row", zebra_stripes=True)

@@ -89,7 +89,6 @@ class DriftScreen(WorkbenchScreen):
         self.shown_at = 0.0  # when the blind pair appeared: labels record the seconds taken
         self.params: Any = None  # SamplingParams; tests make them tiny
 
-
     def compose_body(self) -> ComposeResult:
         yield Static("", id="drift-status", markup=False)
         with Horizontal(id="drift-controls"):

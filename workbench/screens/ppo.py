@@ -74,7 +74,6 @@ class PPOScreen(WorkbenchScreen):
         # Extra job config for sessions started here (tests make them tiny).
         self.job_defaults: dict[str, Any] = {}
 
-
     def compose_body(self) -> ComposeResult:
         yield Static("", id="ppo-status", markup=False)
         with Horizontal(id="ppo-controls"):

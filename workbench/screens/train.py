@@ -72,7 +72,6 @@ class TrainScreen(WorkbenchScreen):
         # Extra RewardConfig fields for jobs started here (tests make them tiny).
         self.job_defaults: dict[str, Any] = {}
 
-
     def compose_body(self) -> ComposeResult:
         yield Static("", id="train-status", markup=False)
         with Horizontal(id="train-controls"):
