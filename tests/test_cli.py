@@ -81,3 +81,15 @@ def test_newer_database_is_refused_by_the_cli(capsys, db_path):
         store.db.conn.commit()
     code, _, err = run(capsys, "--db", str(db_path), "stats")
     assert code == 2 and "newer version" in err
+
+
+def test_output_piped_into_head_is_not_a_traceback(cli_db):
+    import subprocess
+    import sys
+
+    # More than a pipe holds (64 KiB), so the writer is still writing when head leaves.
+    with Store(cli_db) as store:
+        store.add_prompts([f"prompt {i} " + "x" * 100 for i in range(2000)])
+    pipe = subprocess.run(f"{sys.executable} -m rlhf.cli --db {cli_db} prompts list | head -1", shell=True,
+                          capture_output=True, text=True, timeout=120)
+    assert pipe.stdout.startswith("1\tprompt 0") and "Traceback" not in pipe.stderr, pipe.stderr
