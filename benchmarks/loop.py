@@ -102,10 +102,10 @@ def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
                 *shlex.split(args.sample_args))
     result = json.loads(out[out.index("{"):])
     with Store(db) as store:
-        reward = store.checkpoint("reward")["meta"]
+        reward = store.checkpoint("reward").meta
         stats = store.stats()
         job = store.jobs("ppo")[-1]
-        series = store.metrics(job["id"])
+        series = store.metrics(job.id)
     return {"rule": rule, "times": times, "reward": reward, "stats": stats, "series": series, "eval": result}
 
 

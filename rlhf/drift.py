@@ -81,7 +81,7 @@ def load_drift_version(stack: Any, store: Store, version: int) -> None:
         raise UserError("policy version 0 is the reference itself: pick a trained version (`rlhf stats` lists them)")
     checkpoint = store.checkpoint("policy", version)
     assert checkpoint is not None
-    stack.load_adapter(DRIFT_ADAPTER, checkpoint["path"], heads=False)
+    stack.load_adapter(DRIFT_ADAPTER, checkpoint.path, heads=False)
     stack.drift_version = version
 
 
@@ -216,18 +216,18 @@ def win_counts(store: Store) -> dict[int, VersionDrift]:
     the blind drift labels. Labels of 'skip' kind count nothing."""
     out: dict[int, VersionDrift] = {}
     for cmp in store.comparisons(purpose=PURPOSE):
-        completions = store.completions(cmp["completion_ids"])
+        completions = store.completions(cmp.completion_ids)
         versions = [c.policy_version for c in completions]
         if len(versions) != 2 or versions.count(REFERENCE_VERSION) != 1 or None in versions:
             continue  # not a policy-vs-reference pair
         policy_pos = 0 if versions[0] != REFERENCE_VERSION else 1
         row = out.setdefault(versions[policy_pos], VersionDrift(versions[policy_pos]))
-        if cmp["kind"] == "best" and cmp["choice"]:
-            if cmp["choice"][0] == policy_pos:
+        if cmp.kind == "best" and cmp.choice:
+            if cmp.choice[0] == policy_pos:
                 row.wins += 1
             else:
                 row.losses += 1
-        elif cmp["kind"] in TIE_KINDS:
+        elif cmp.kind in TIE_KINDS:
             row.ties += 1
     return out
 
@@ -241,7 +241,7 @@ def reward_by_version(store: Store) -> dict[int, tuple[float, float]]:
     versions trained under different reward models are not comparable."""
     out: dict[int, tuple[float, float]] = {}
     for cp in store.checkpoints("policy"):
-        meta, parent = cp["meta"], cp["parent_version"]
+        meta, parent = cp.meta, cp.parent_version
         if parent is not None and "rollout_score" in meta:
             out[parent] = (float(meta["rollout_score"]), float(meta.get("kl", 0.0)))
     return out
@@ -251,7 +251,7 @@ def drift_table(store: Store) -> list[VersionDrift]:
     """Every policy version (0 = reference included) with its labels and reward."""
     counts = win_counts(store)
     rewards = reward_by_version(store)
-    versions = sorted({REFERENCE_VERSION, *(cp["version"] for cp in store.checkpoints("policy")), *counts})
+    versions = sorted({REFERENCE_VERSION, *(cp.version for cp in store.checkpoints("policy")), *counts})
     rows = []
     for v in versions:
         row = counts.get(v, VersionDrift(v))

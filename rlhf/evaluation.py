@@ -77,12 +77,12 @@ def load_versions(stack: Any, store: Any, version: int, against: int = 0) -> tup
 
     checkpoint = store.checkpoint("policy", version)
     assert checkpoint is not None
-    stack.load_adapter(CANDIDATE, checkpoint["path"], heads=False)
+    stack.load_adapter(CANDIDATE, checkpoint.path, heads=False)
     if against == REFERENCE_VERSION:
         return CANDIDATE, "base"
     other = store.checkpoint("policy", against)
     assert other is not None
-    stack.load_adapter(BASELINE, other["path"], heads=False)
+    stack.load_adapter(BASELINE, other.path, heads=False)
     return CANDIDATE, BASELINE
 
 

@@ -28,7 +28,8 @@ import psutil
 
 from rlhf.errors import UserError
 from rlhf.locations import checkpoints_dir
-from rlhf.store import ACTIVE_JOB_STATUSES, Store, now
+from rlhf.rows import Job
+from rlhf.store import Store, now
 
 # kind -> "module:function" taking a JobContext; imported only in the child.
 RUNNERS: dict[str, str] = {
@@ -66,7 +67,7 @@ class JobContext:
 
     def checkpoint(self) -> None:
         """Call between steps: raises JobCancelled on cancel, blocks while paused."""
-        control = self.store.job(self.job_id)["control"]
+        control = self.store.job(self.job_id).control
         if control == "cancel":
             raise JobCancelled()
         if control != "pause":
@@ -74,7 +75,7 @@ class JobContext:
         self.store.update_job(self.job_id, status="paused")
         while True:
             time.sleep(POLL_S)
-            control = self.store.job(self.job_id)["control"]
+            control = self.store.job(self.job_id).control
             if control == "cancel":
                 raise JobCancelled()
             if control != "pause":
@@ -82,16 +83,15 @@ class JobContext:
                 return
 
 
-# --- the parent's side ---------------------------------------------------------
+# --- liveness: whoever looks next marks a job whose process died ---------------
 
 
-def process_alive(job: dict[str, Any]) -> bool:
+def process_alive(job: Job) -> bool:
     """Is the job's process still there (and still ours, not a reused pid)?"""
-    pid = job.get("pid")
+    pid = job.pid
     if not pid:
         # Queued but not yet started: give the child a moment to write its pid.
-        created = job.get("created_at") or ""
-        return time.time() - _epoch(created) < 60
+        return time.time() - _epoch(job.created_at) < 60
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -110,16 +110,27 @@ def _epoch(stamp: str) -> float:
         return 0.0
 
 
+def died_message(job: Job) -> str:
+    return (f"process {job.pid} ended without finishing (crashed, killed or out of memory); "
+            f"last step {job.step}")
+
+
 def refresh(store: Store) -> list[int]:
     """Mark active jobs whose process died as failed; returns their ids."""
-    return store.mark_dead_jobs(process_alive)
+    dead = {job.id: died_message(job) for job in store.jobs(active=True) if not process_alive(job)}
+    store.fail_active_jobs(dead)
+    return list(dead)
+
+
+# --- the parent's side ---------------------------------------------------------
 
 
 def start_job(store: Store, kind: str, config: dict[str, Any], *, total_steps: int | None = None) -> int:
     """Queue a job and start its process. Refuses while another job is active."""
     if kind not in RUNNERS:
         raise UserError(f"unknown job kind {kind!r}: one of {', '.join(RUNNERS)}")
-    job_id = store.create_job(kind, config, total_steps=total_steps, is_alive=process_alive)
+    refresh(store)  # a job whose process died does not block the next one
+    job_id = store.create_job(kind, config, total_steps=total_steps)
     with open(log_path(store.path, job_id), "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "rlhf.jobs", str(store.path), str(job_id)],
@@ -139,8 +150,8 @@ def log_path(db_path: Path, job_id: int) -> Path:
 def request(store: Store, job_id: int, action: str) -> None:
     """Ask a running job to 'pause', 'resume' or 'cancel' (it acts between steps)."""
     job = store.job(job_id)
-    if job["status"] not in ACTIVE_JOB_STATUSES:
-        raise UserError(f"job {job_id} is {job['status']}; only a queued, running or paused job can be told to {action}")
+    if not job.active:
+        raise UserError(f"job {job_id} is {job.status}; only a queued, running or paused job can be told to {action}")
     control = {"pause": "pause", "resume": None, "cancel": "cancel"}
     if action not in control:
         raise UserError(f"unknown job action {action!r}: pause, resume or cancel")
@@ -148,7 +159,7 @@ def request(store: Store, job_id: int, action: str) -> None:
 
 
 def wait(store: Store, job_id: int, timeout_s: float = 600.0,
-         on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+         on_poll: Callable[[Job], None] | None = None) -> Job:
     """Block until the job ends (or its process dies); returns the final row."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -156,21 +167,21 @@ def wait(store: Store, job_id: int, timeout_s: float = 600.0,
         job = store.job(job_id)
         if on_poll:
             on_poll(job)
-        if job["status"] not in ACTIVE_JOB_STATUSES:
+        if not job.active:
             return job
         if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s:.0f} s")
+            raise TimeoutError(f"job {job_id} still {job.status} after {timeout_s:.0f} s")
         time.sleep(POLL_S)
 
 
-def follow(store: Store, job_id: int, on_step: Callable[[dict[str, Any], int, dict[str, float]], None],
-           timeout_s: float = float("inf")) -> dict[str, Any]:
+def follow(store: Store, job_id: int, on_step: Callable[[Job, int, dict[str, float]], None],
+           timeout_s: float = float("inf")) -> Job:
     """Block until the job ends, calling ``on_step(job, step, metrics)`` once per
     newly logged step, in order (a runner logs each step's metrics in one
     transaction, so a step is never seen half written); returns the final row."""
     shown = -1
 
-    def on_poll(job: dict[str, Any]) -> None:
+    def on_poll(job: Job) -> None:
         nonlocal shown
         by_step: dict[int, dict[str, float]] = {}
         for name, values in store.metrics(job_id, after_step=shown).items():
@@ -183,19 +194,17 @@ def follow(store: Store, job_id: int, on_step: Callable[[dict[str, Any], int, di
     return wait(store, job_id, timeout_s=timeout_s, on_poll=on_poll)
 
 
-def latest_job(store: Store, kind: str) -> dict[str, Any] | None:
+def latest_job(store: Store, kind: str) -> Job | None:
     """The job of a kind a screen should show: the active one, else the most recent."""
     of_kind = store.jobs(kind)
-    active = [j for j in of_kind if j["status"] in ACTIVE_JOB_STATUSES]
+    active = [j for j in of_kind if j.active]
     return active[-1] if active else (of_kind[-1] if of_kind else None)
 
 
-def active_job(store: Store) -> dict[str, Any] | None:
+def active_job(store: Store) -> Job | None:
     refresh(store)
-    for job in reversed(store.jobs()):
-        if job["status"] in ACTIVE_JOB_STATUSES:
-            return job
-    return None
+    active = store.jobs(active=True)
+    return active[-1] if active else None
 
 
 # --- the child's side ------------------------------------------------------------
@@ -211,9 +220,9 @@ def run(db_path: Path, job_id: int) -> int:
     store = Store(db_path, create=False)  # a job never starts a database of its own
     job = store.job(job_id)
     store.update_job(job_id, status="running", pid=os.getpid(), started_at=now(), heartbeat_at=now())
-    ctx = JobContext(store=store, job_id=job_id, config=job["config"], db_path=Path(db_path))
+    ctx = JobContext(store=store, job_id=job_id, config=job.config, db_path=Path(db_path))
     try:
-        _runner(job["kind"])(ctx)
+        _runner(job.kind)(ctx)
     except JobCancelled:
         store.update_job(job_id, status="cancelled", finished_at=now(), control=None)
         return 0

@@ -44,6 +44,7 @@ from rlhf import ppo_math as pm
 from rlhf.errors import UserError
 from rlhf.models import ModelStack
 from rlhf.reward import RewardScorer
+from rlhf.rows import Checkpoint
 from rlhf.rules import parse_rule
 from rlhf.sampling import Sample, SamplingParams, chat_prompt_ids, generate, left_pad
 from rlhf.sampling_params import DEFINITION_KEYS
@@ -571,27 +572,27 @@ def prepare_stack(stack: ModelStack, store: Any, config: dict[str, Any]) -> Star
     started, not the checkpoint being resumed."""
     if config.get("resume"):
         last = resume_checkpoint(store)
-        stack.load_adapter("policy", last["path"])
-        stack.policy_version = last["version"]
-        ref = last["meta"]["reference_version"]
-        stack.load_reference(store.checkpoint("policy", ref)["path"] if ref else None)
-        meta = last["meta"]
+        stack.load_adapter("policy", last.path)
+        stack.policy_version = last.version
+        ref = last.meta["reference_version"]
+        stack.load_reference(store.checkpoint("policy", ref).path if ref else None)
+        meta = last.meta
         normalization = {k: meta[k] for k in NORMALIZATION_KEYS if k in meta} if "reward_gain" in meta else None
-        return Start(last["version"], ref, int(meta.get("iteration", 0)), meta.get("beta"), Path(last["path"]),
+        return Start(last.version, ref, int(meta.get("iteration", 0)), meta.get("beta"), Path(last.path),
                      normalization, meta.get("reward"))
     version = config.get("init_policy_version")
     checkpoint = store.checkpoint("policy", version) if version != 0 else None
     if checkpoint is None:
         return Start(0, 0)
-    stack.load_policy(checkpoint["path"], checkpoint["version"])
-    return Start(checkpoint["version"], checkpoint["version"])
+    stack.load_policy(checkpoint.path, checkpoint.version)
+    return Start(checkpoint.version, checkpoint.version)
 
 
-def resume_checkpoint(store: Any) -> dict[str, Any]:
+def resume_checkpoint(store: Any) -> Checkpoint:
     """The checkpoint a resumed session continues from: the latest policy version,
     which must have been written by a PPO session (its meta names the reference)."""
     last = store.checkpoint("policy")
-    if last is None or "reference_version" not in last["meta"]:
+    if last is None or "reference_version" not in last.meta:
         raise UserError("nothing to resume: no PPO checkpoint yet; start a session with `rlhf ppo`")
     return last
 
@@ -621,7 +622,7 @@ def session_settings(store: Any, config: dict[str, Any]) -> dict[str, Any]:
     own settings and reward (options given now override them)."""
     settings = dict(config)
     if config.get("resume"):
-        meta = resume_checkpoint(store)["meta"]
+        meta = resume_checkpoint(store).meta
         saved = {**meta.get("config", {}), "reward": meta.get("reward")}
         return {**saved, **{k: v for k, v in config.items() if v is not None}}
     definition = reward_sampling(store, config.get("reward")) or {}
@@ -637,7 +638,7 @@ def reward_sampling(store: Any, spec: Any) -> dict[str, Any] | None:
     if isinstance(spec, str) and spec.startswith("rule:"):
         return None
     checkpoint = store.checkpoint("reward", None if spec is None else int(spec))
-    return checkpoint["meta"].get("sampling") if checkpoint else None
+    return checkpoint.meta.get("sampling") if checkpoint else None
 
 
 def sampling_mismatch(settings: dict[str, Any], store: Any) -> str | None:

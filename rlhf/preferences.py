@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import combinations
-from typing import Any
 
 from rlhf.errors import UserError
+from rlhf.rows import LABEL_KINDS, Comparison
 from rlhf.rules import Rule, judge
-from rlhf.store import LABEL_KINDS, Store
+from rlhf.store import Store
 
 PAIRLESS_KINDS = ("tie", "all_bad", "skip")
 
@@ -53,12 +53,12 @@ def record_label(store: Store, prompt_id: int, completion_ids: list[int], kind: 
 
 
 def undo_last_label(store: Store, *, labeler: str | None = None,
-                    purpose: str = "preference") -> dict[str, Any] | None:
+                    purpose: str = "preference") -> Comparison | None:
     """Remove the most recent label (and its pairs, nothing else). Returns it, or
     None when there is nothing to undo."""
     last = store.last_comparison(purpose=purpose, labeler=labeler)
     if last is not None:
-        store.delete_comparison(last["id"])
+        store.delete_comparison(last.id)
     return last
 
 

@@ -341,12 +341,12 @@ def load_scorer(stack: ModelStack, store: Store, version: int | None = None) -> 
     checkpoint = store.checkpoint("reward", version)
     if checkpoint is None:
         return None
-    meta = {**stack.load_adapter(ADAPTER, checkpoint["path"]), **checkpoint["meta"]}
+    meta = {**stack.load_adapter(ADAPTER, checkpoint.path), **checkpoint.meta}
     scorer = RewardScorer(stack, readout=Readout.from_meta(meta, stack.depth),
                           gain=float(meta.get("gain", 1.0)), bias=float(meta.get("bias", 0.0)),
                           max_length=int(meta.get("max_length", 512)),
                           max_completion_tokens=int(meta.get("max_completion_tokens", 256)),
-                          version=checkpoint["version"])
+                          version=checkpoint.version)
     return scorer
 
 

@@ -104,7 +104,7 @@ def store_elements(store: Store, tokenizer: Any, *, sources: str = "all", max_le
     if sources not in SOURCES:
         raise UserError(f"unknown pair source {sources!r}: use one of {', '.join(SOURCES)}")
     rows = store.pairs(source=None if sources == "all" else sources)
-    kinds = {c["id"]: c["kind"] for c in store.comparisons(purpose="preference")}
+    kinds = {c.id: c.kind for c in store.comparisons(purpose="preference")}
     groups: dict[Any, list[dict[str, Any]]] = {}
     for row in rows:
         key = ("cmp", row["comparison_id"]) if row["comparison_id"] is not None else ("pair", row["pair_id"])

@@ -18,9 +18,8 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,15 +28,10 @@ import sqlite_utils
 
 from rlhf.errors import UserError
 from rlhf.migrations import MIGRATIONS, SCHEMA_VERSION
+from rlhf.rows import ACTIVE_JOB_STATUSES, JOB_STATUSES, LABEL_KINDS, Checkpoint, Comparison, Completion, Job, Prompt
 
 BUSY_TIMEOUT_S = 30.0
 
-# Kinds of answer a labeler can give. Only "best" and "ranking"
-# yield pairs; "tie", "all_bad" and "skip" are kept as they are.
-LABEL_KINDS = ("best", "ranking", "tie", "all_bad", "skip")
-# Statuses a background job moves through (see rlhf/jobs.py).
-JOB_STATUSES = ("queued", "running", "paused", "done", "failed", "cancelled")
-ACTIVE_JOB_STATUSES = ("queued", "running", "paused")
 # Source of pairs (and of prompts first seen in them) that `rlhf import` added:
 # 'import:<file name>'. A prompt the researcher added keeps its own source.
 IMPORT_SOURCE_PREFIX = "import:"
@@ -50,41 +44,6 @@ PROBE_SOURCE = "probes"
 def now() -> str:
     """UTC timestamp in ISO 8601, the one format every table uses."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-# --- rows -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Prompt:
-    id: int
-    text: str
-    source: str | None = None
-
-
-@dataclass(frozen=True)
-class Completion:
-    id: int
-    prompt_id: int
-    text: str
-    n_tokens: int
-    finish_reason: str
-    policy_version: int | None
-    token_ids: list[int] | None = None
-    logprobs: list[float] | None = None
-
-
-def _completion(row: dict[str, Any]) -> Completion:
-    return Completion(
-        id=row["id"],
-        prompt_id=row["prompt_id"],
-        text=row["text"],
-        n_tokens=row["n_tokens"],
-        finish_reason=row["finish_reason"],
-        policy_version=row["policy_version"],
-        token_ids=json.loads(row["token_ids"]) if row["token_ids"] else None,
-        logprobs=json.loads(row["logprobs"]) if row["logprobs"] else None,
-    )
 
 
 # --- the store ----------------------------------------------------------------
@@ -285,7 +244,7 @@ class Store:
         if not ids:
             return []
         marks = ", ".join("?" for _ in ids)
-        by_id = {r["id"]: _completion(r) for r in self._rows(f"SELECT * FROM completions WHERE id IN ({marks})", ids)}
+        by_id = {r["id"]: Completion.from_row(r) for r in self._rows(f"SELECT * FROM completions WHERE id IN ({marks})", ids)}
         return [by_id[i] for i in ids]
 
     def completions_for_prompt(self, prompt_id: int, policy_version: int | None = None) -> list[Completion]:
@@ -294,7 +253,7 @@ class Store:
         if policy_version is not None:
             sql += " AND policy_version = ?"
             params.append(policy_version)
-        return [_completion(r) for r in self._rows(sql + " ORDER BY id", params)]
+        return [Completion.from_row(r) for r in self._rows(sql + " ORDER BY id", params)]
 
     def pending_sets(self, k: int) -> list[tuple[int, list[Completion]]]:
         """Sampled completions no comparison has shown yet, as the sets a labeler
@@ -308,7 +267,7 @@ class Store:
             "(SELECT id FROM prompts WHERE source = ?) ORDER BY prompt_id, id", [PROBE_SOURCE])
         sets: list[tuple[int, list[Completion]]] = []
         run: list[Completion] = []
-        for c in map(_completion, rows):
+        for c in map(Completion.from_row, rows):
             if run and (c.prompt_id != run[-1].prompt_id or c.policy_version != run[-1].policy_version
                         or c.id != run[-1].id + 1 or len(run) == k):
                 sets.append((run[0].prompt_id, run))
@@ -359,17 +318,14 @@ class Store:
         assert cid is not None
         return cid
 
-    def last_comparison(self, purpose: str = "preference", labeler: str | None = None) -> dict[str, Any] | None:
+    def last_comparison(self, purpose: str = "preference", labeler: str | None = None) -> Comparison | None:
         sql = "SELECT * FROM comparisons WHERE purpose = ?"
         params: list[Any] = [purpose]
         if labeler is not None:
             sql += " AND labeler = ?"
             params.append(labeler)
         row = self._one(sql + " ORDER BY id DESC LIMIT 1", params)
-        if row:
-            row["completion_ids"] = json.loads(row["completion_ids"])
-            row["choice"] = json.loads(row["choice"]) if row["choice"] else None
-        return row
+        return None if row is None else Comparison.from_row(row)
 
     def delete_comparison(self, comparison_id: int) -> None:
         """Remove one label and its pairs, nothing else (undo)."""
@@ -377,17 +333,13 @@ class Store:
             db.execute("DELETE FROM pairs WHERE comparison_id = ?", [comparison_id])
             db.execute("DELETE FROM comparisons WHERE id = ?", [comparison_id])
 
-    def comparisons(self, purpose: str | None = None) -> list[dict[str, Any]]:
+    def comparisons(self, purpose: str | None = None) -> list[Comparison]:
         sql = "SELECT * FROM comparisons"
         params: list[Any] = []
         if purpose is not None:
             sql += " WHERE purpose = ?"
             params.append(purpose)
-        rows = self._rows(sql + " ORDER BY id", params)
-        for row in rows:
-            row["completion_ids"] = json.loads(row["completion_ids"])
-            row["choice"] = json.loads(row["choice"]) if row["choice"] else None
-        return rows
+        return [Comparison.from_row(r) for r in self._rows(sql + " ORDER BY id", params)]
 
     def add_imported_pair(self, prompt: str, chosen: str, rejected: str, source: str, key: str) -> bool:
         """Store one imported pair (prompt, two completions, the pair) unless a pair
@@ -457,12 +409,10 @@ class Store:
     # -- jobs and metrics
 
     def create_job(self, kind: str, config: dict[str, Any], *, total_steps: int | None = None,
-                   exclusive: bool = True, is_alive: Callable[[dict[str, Any]], bool] | None = None) -> int:
+                   exclusive: bool = True) -> int:
         """Queue a job. With ``exclusive``, refuse while another job is active:
-        two training jobs on one machine would only fight for its cores and memory.
-        ``is_alive`` lets the caller clear jobs whose process died first."""
-        if is_alive is not None:
-            self.mark_dead_jobs(is_alive)
+        two training jobs on one machine would only fight for its cores and memory
+        (``rlhf.jobs.start_job`` first clears jobs whose process died)."""
         with self._write() as db:
             marks = ", ".join("?" for _ in ACTIVE_JOB_STATUSES)
             active = db.execute(f"SELECT id, kind, status FROM jobs WHERE status IN ({marks}) ORDER BY id LIMIT 1",
@@ -485,35 +435,32 @@ class Store:
         with self._write() as db:
             db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), job_id])
 
-    def job(self, job_id: int) -> dict[str, Any]:
+    def job(self, job_id: int) -> Job:
         row = self._one("SELECT * FROM jobs WHERE id = ?", [job_id])
         if row is None:
             raise UserError(f"no job with id {job_id}")
-        row["config"] = json.loads(row["config"]) if row["config"] else {}
-        return row
+        return Job.from_row(row)
 
-    def jobs(self, kind: str | None = None) -> list[dict[str, Any]]:
-        sql, params = "SELECT * FROM jobs", []
+    def jobs(self, kind: str | None = None, *, active: bool = False) -> list[Job]:
+        """Jobs in id order: of one kind, or only those not yet ended."""
+        sql, params = "SELECT * FROM jobs WHERE 1", []
         if kind is not None:
-            sql, params = sql + " WHERE kind = ?", [kind]
-        rows = self._rows(sql + " ORDER BY id", params)
-        for row in rows:
-            row["config"] = json.loads(row["config"]) if row["config"] else {}
-        return rows
+            sql, params = sql + " AND kind = ?", [kind]
+        if active:
+            sql += f" AND status IN ({', '.join('?' for _ in ACTIVE_JOB_STATUSES)})"
+            params += ACTIVE_JOB_STATUSES
+        return [Job.from_row(r) for r in self._rows(sql + " ORDER BY id", params)]
 
-    def mark_dead_jobs(self, is_alive: Callable[[dict[str, Any]], bool]) -> list[int]:
-        """Mark active jobs whose process is gone as failed; returns their ids."""
+    def fail_active_jobs(self, errors: dict[int, str]) -> None:
+        """Mark these jobs failed with their error, those still active only (one
+        may have finished since it was looked at)."""
+        if not errors:
+            return  # the usual case, and no write lock taken: a read-only look stays one
         marks = ", ".join("?" for _ in ACTIVE_JOB_STATUSES)
-        active = self._rows(f"SELECT * FROM jobs WHERE status IN ({marks})", ACTIVE_JOB_STATUSES)
-        dead = [job for job in active if not is_alive(job)]
-        if not dead:
-            return []  # the usual case, and no write lock taken: a read-only look stays one
         with self._write() as db:
-            for job in dead:
+            for job_id, error in errors.items():
                 db.execute(f"UPDATE jobs SET status = 'failed', error = ?, finished_at = ? "
-                           f"WHERE id = ? AND status IN ({marks})",
-                           [_died_message(job), now(), job["id"], *ACTIVE_JOB_STATUSES])
-        return [job["id"] for job in dead]
+                           f"WHERE id = ? AND status IN ({marks})", [error, now(), job_id, *ACTIVE_JOB_STATUSES])
 
     def log_metrics(self, job_id: int, step: int, values: dict[str, float]) -> None:
         stamp = now()
@@ -555,20 +502,18 @@ class Store:
             db.execute("UPDATE checkpoints SET meta = ? WHERE kind = ? AND version = ?",
                        [json.dumps(meta), kind, version])
 
-    def checkpoints(self, kind: str) -> list[dict[str, Any]]:
-        rows = self._rows("SELECT * FROM checkpoints WHERE kind = ? ORDER BY version", [kind])
-        for row in rows:
-            row["meta"] = json.loads(row["meta"]) if row["meta"] else {}
-            row["path"] = str(self.path.parent / row["path"])  # an absolute path stays as it is
-        return rows
+    def checkpoints(self, kind: str) -> list[Checkpoint]:
+        # A path stored relative to the database's folder is made absolute; an absolute one stays.
+        return [Checkpoint.from_row(r, str(self.path.parent / r["path"]))
+                for r in self._rows("SELECT * FROM checkpoints WHERE kind = ? ORDER BY version", [kind])]
 
-    def checkpoint(self, kind: str, version: int | None = None) -> dict[str, Any] | None:
+    def checkpoint(self, kind: str, version: int | None = None) -> Checkpoint | None:
         """A version of a kind, or the latest when version is None; None if there is none."""
         rows = self.checkpoints(kind)
         if version is None:
             return rows[-1] if rows else None
         for row in rows:
-            if row["version"] == version:
+            if row.version == version:
                 return row
         raise UserError(f"no {kind} version {version}: `rlhf stats` lists the versions there are")
 
@@ -592,15 +537,10 @@ class Store:
             "comparisons_by_kind": kinds,
             "pairs_labeled": count("SELECT COUNT(*) AS n FROM pairs WHERE source = 'label'"),
             "pairs_imported": count("SELECT COUNT(*) AS n FROM pairs WHERE source != 'label'"),
-            "policy_versions": [r["version"] for r in self.checkpoints("policy")],
-            "reward_versions": [r["version"] for r in self.checkpoints("reward")],
-            "jobs_active": count("SELECT COUNT(*) AS n FROM jobs WHERE status IN ('queued', 'running', 'paused')"),
+            "policy_versions": [r.version for r in self.checkpoints("policy")],
+            "reward_versions": [r.version for r in self.checkpoints("reward")],
+            "jobs_active": len(self.jobs(active=True)),
         }
-
-
-def _died_message(job: dict[str, Any]) -> str:
-    return (f"process {job['pid']} ended without finishing (crashed, killed or out of memory); "
-            f"last step {job['step']}")
 
 
 def database_path(path: str | Path, *, create: bool = True) -> Path:

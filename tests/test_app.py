@@ -69,10 +69,10 @@ async def test_pick_records_what_was_shown_and_k_minus_1_pairs(store):
         await pilot.press("2")
         await wait_for(pilot, lambda: screen.shown_prompt_id not in (None, first_prompt))
     [cmp] = store.comparisons()
-    assert cmp["prompt_id"] == first_prompt
-    assert cmp["completion_ids"] == shown_ids     # exactly the order shown
-    assert cmp["kind"] == "best" and cmp["choice"] == [1]
-    assert cmp["labeler"] == "tester" and cmp["seconds"] >= 0.1
+    assert cmp.prompt_id == first_prompt
+    assert cmp.completion_ids == shown_ids     # exactly the order shown
+    assert cmp.kind == "best" and cmp.choice == [1]
+    assert cmp.labeler == "tester" and cmp.seconds >= 0.1
     pairs = store.pairs()
     assert len(pairs) == 3
     assert {p["chosen_id"] for p in pairs} == {shown_ids[1]}
@@ -106,7 +106,7 @@ async def test_ranking_records_all_pairs_in_order(store):
         await pilot.press("4")                  # K-1 ranked: the last is implied
         await wait_for(pilot, lambda: len(store.comparisons()) == 1)
     [cmp] = store.comparisons()
-    assert cmp["kind"] == "ranking" and cmp["choice"] == [2, 0, 3, 1]
+    assert cmp.kind == "ranking" and cmp.choice == [2, 0, 3, 1]
     order = [ids[i] for i in (2, 0, 3, 1)]
     got = {(p["chosen_id"], p["rejected_id"]) for p in store.pairs()}
     assert got == {(order[i], order[j]) for i in range(4) for j in range(i + 1, 4)}   # C(4,2) = 6
@@ -120,8 +120,8 @@ async def test_tie_all_bad_and_skip_keep_no_pairs(store):
             before = screen.shown_prompt_id
             await pilot.press(key)
             await wait_for(pilot, lambda before=before: screen.shown_prompt_id not in (None, before))
-    assert [c["kind"] for c in store.comparisons()] == ["tie", "all_bad", "skip"]
-    assert all(c["choice"] is None for c in store.comparisons())
+    assert [c.kind for c in store.comparisons()] == ["tie", "all_bad", "skip"]
+    assert all(c.choice is None for c in store.comparisons())
     assert store.pairs() == []
     assert len(store.unlabeled_prompt_ids()) == 1
 
@@ -141,7 +141,7 @@ async def test_undo_removes_exactly_the_last_label(store):
         await wait_for(pilot, lambda: screen.shown_prompt_id == second_prompt)
         # Back on the undone prompt, with the same completions in the same order.
         assert [c.id for c in screen.shown] == second_order
-        assert store.last_comparison()["id"] == first_cmp["id"]
+        assert store.last_comparison().id == first_cmp.id
     assert store.comparisons() == [first_cmp]
     assert store.pairs() == first_pairs
     assert second_prompt in store.unlabeled_prompt_ids()
@@ -161,7 +161,7 @@ async def test_resample_replaces_the_shown_completions(store):
         assert len(store.completions_for_prompt(pid)) == 8   # the old ones stay on record
         await pilot.press("1")
         await wait_for(pilot, lambda: len(store.comparisons()) == 1)
-    assert set(store.comparisons()[0]["completion_ids"]) == after
+    assert set(store.comparisons()[0].completion_ids) == after
 
 
 async def test_click_picks_a_completion(store):
@@ -171,7 +171,7 @@ async def test_click_picks_a_completion(store):
         third = screen.shown[2].id
         await pilot.click("#card-3")
         await wait_for(pilot, lambda: len(store.comparisons()) == 1)
-    assert store.comparisons()[0]["choice"] == [2]
+    assert store.comparisons()[0].choice == [2]
     assert {p["chosen_id"] for p in store.pairs()} == {third}
 
 
@@ -181,7 +181,7 @@ async def test_command_palette_runs_actions(store):
         await shown(pilot, app)
         await run_command(pilot, "all bad")
         await wait_for(pilot, lambda: len(store.comparisons()) == 1)
-    assert store.comparisons()[0]["kind"] == "all_bad"
+    assert store.comparisons()[0].kind == "all_bad"
 
 
 async def test_command_palette_labels_waiting_comparisons_by_a_rule(store):
@@ -201,11 +201,11 @@ async def test_command_palette_labels_waiting_comparisons_by_a_rule(store):
         await wait_for(pilot, lambda: len(store.comparisons()) >= 1)
         await wait_for(pilot, lambda: not isinstance(app.screen, RuleDialog))
     comparisons = store.comparisons()
-    assert {c["labeler"] for c in comparisons} == {"rule:more=1\\b"}
+    assert {c.labeler for c in comparisons} == {"rule:more=1\\b"}
     first = comparisons[0]  # the set with "answer 1 to ...": the only text the rule prefers
-    texts = [c.text for c in store.completions(first["completion_ids"])]
-    assert first["kind"] == "best" and texts[first["choice"][0]].startswith("answer 1 ")
-    labeled = [i for c in comparisons for i in c["completion_ids"]]
+    texts = [c.text for c in store.completions(first.completion_ids)]
+    assert first.kind == "best" and texts[first.choice[0]].startswith("answer 1 ")
+    labeled = [i for c in comparisons for i in c.completion_ids]
     assert len(labeled) == len(set(labeled))  # each set labeled once
 
 
@@ -387,7 +387,7 @@ async def test_editing_a_prompt_while_it_is_sampled_shows_answers_to_the_new_tex
         assert all(c.text.endswith("to First prompt? Briefly.") for c in screen.shown)
         await pilot.press("1")
         await wait_for(pilot, lambda: len(store.comparisons()) == 1)
-    shown_ids = store.comparisons()[0]["completion_ids"]
+    shown_ids = store.comparisons()[0].completion_ids
     assert all("Briefly" in c.text for c in store.completions(shown_ids))
 
 
@@ -436,7 +436,7 @@ async def test_tiny_model_loads_in_a_worker_and_samples(store, tiny_dir):
         await wait_for(pilot, lambda: len(store.completions_for_prompt(3)) == 2, timeout=60)
         await pilot.press("2")
         await wait_for(pilot, lambda: len(store.comparisons()) == 2)
-    completions = store.completions(store.comparisons()[1]["completion_ids"])
+    completions = store.completions(store.comparisons()[1].completion_ids)
     assert all(c.policy_version == 0 and c.finish_reason in ("eos", "length") and c.logprobs for c in completions)
     assert len(store.pairs()) == 2
 

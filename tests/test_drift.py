@@ -172,7 +172,7 @@ async def test_drift_screen_side_by_side_blind_labels_and_warning(store, tiny_st
         await pilot.press("1" if policy_pos == 0 else "2")
         await wait_for(pilot, lambda: win_counts(store)[1].wins == 4, 10)
         last = store.comparisons(purpose="drift")[-1]
-        assert last["completion_ids"] == blind.completion_ids and last["labeler"] == "tester"
+        assert last.completion_ids == blind.completion_ids and last.labeler == "tester"
 
 
 def test_cli_winrate_json_matches_the_labels(store, db_path, capsys):

@@ -112,12 +112,12 @@ def test_metadata_columns_carry_the_label(labeled, tmp_path):
     out = tmp_path / "pairs.jsonl"
     export_pairs(labeled, out, "trl", source="label")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    comparisons = {c["id"]: c for c in labeled.comparisons()}
+    comparisons = {c.id: c for c in labeled.comparisons()}
     for row in rows:
         comparison = comparisons[row["comparison_id"]]
-        assert row["labeler"] == comparison["labeler"]
+        assert row["labeler"] == comparison.labeler
         assert row["source"] == "label"
-        assert row["created_at"] >= comparison["created_at"][:10]
+        assert row["created_at"] >= comparison.created_at[:10]
     assert {row["policy_version"] for row in rows} == {0, 1}
 
 

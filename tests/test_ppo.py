@@ -182,19 +182,19 @@ def run_in_process(store, db_path, config):
 def test_job_logs_metrics_and_registers_a_version_per_iteration(store, db_path, tiny_dir):
     store.add_prompts(PROMPTS)
     job = run_in_process(store, db_path, job_config(tiny_dir))
-    assert job["status"] == "done", job["error"]
+    assert job.status == "done", job.error
     versions = store.checkpoints("policy")
-    assert [v["version"] for v in versions] == [1, 2]
-    assert [v["parent_version"] for v in versions] == [0, 1]
-    assert versions[1]["meta"]["reference_version"] == 0
-    assert versions[1]["meta"]["iteration"] == 2
-    series = store.metrics(job["id"])
+    assert [v.version for v in versions] == [1, 2]
+    assert [v.parent_version for v in versions] == [0, 1]
+    assert versions[1].meta["reference_version"] == 0
+    assert versions[1].meta["iteration"] == 2
+    series = store.metrics(job.id)
     assert [s for s, _ in series["objective/kl"]] == [1, 2]
     assert series["objective/kl"][0][1] == pytest.approx(0.0, abs=1e-5)
     from rlhf.locations import checkpoints_dir
     from rlhf.ppo import read_rollouts
 
-    rows = read_rollouts(checkpoints_dir(db_path), job["id"])
+    rows = read_rollouts(checkpoints_dir(db_path), job.id)
     assert len(rows) == 4 and {"prompt", "completion", "score", "kl"} <= set(rows[0])
 
 
@@ -208,8 +208,8 @@ def test_forced_nan_fails_the_session_without_a_checkpoint(store, db_path, tiny_
     monkeypatch.setattr(rlhf.ppo, "rule_scorer", lambda *a, **k: NaNScorer())
     store.add_prompts(PROMPTS)
     job = run_in_process(store, db_path, job_config(tiny_dir))
-    assert job["status"] == "failed"
-    assert "non-finite" in job["error"] and "nothing of this iteration was saved" in job["error"]
+    assert job.status == "failed"
+    assert "non-finite" in job.error and "nothing of this iteration was saved" in job.error
     assert store.checkpoints("policy") == []
 
 
@@ -221,15 +221,15 @@ def test_forced_nan_loss_fails_the_session(store, db_path, tiny_dir, monkeypatch
                         lambda *a, **k: (real(*a, **k)[0] * float("nan"), torch.tensor(0.0)))
     store.add_prompts(PROMPTS)
     job = run_in_process(store, db_path, job_config(tiny_dir))
-    assert job["status"] == "failed" and "loss/value is nan" in job["error"]
+    assert job.status == "failed" and "loss/value is nan" in job.error
     assert store.checkpoints("policy") == []
 
 
 def test_no_reward_model_is_a_clear_error(store, db_path, tiny_dir):
     store.add_prompts(PROMPTS)
     job = run_in_process(store, db_path, job_config(tiny_dir, reward=None))
-    assert job["status"] == "failed"
-    assert job["error"] == "no reward model: train one first (rlhf train-reward)"
+    assert job.status == "failed"
+    assert job.error == "no reward model: train one first (rlhf train-reward)"
 
 
 def _perturb_policy(stack, seed):
@@ -294,24 +294,24 @@ def test_stop_then_resume_continues_from_the_saved_version(store, db_path, tiny_
     first = jobs.start_job(store, "ppo", job_config(tiny_dir, iterations=200))
 
     def stop_after_first_checkpoint(job):
-        if store.checkpoints("policy") and job["control"] is None and job["status"] == "running":
+        if store.checkpoints("policy") and job.control is None and job.status == "running":
             jobs.request(store, first, "cancel")
 
     job = jobs.wait(store, first, timeout_s=240, on_poll=stop_after_first_checkpoint)
-    assert job["status"] == "cancelled", job["error"]
+    assert job.status == "cancelled", job.error
     saved = store.checkpoints("policy")
     last = saved[-1]
-    assert last["meta"]["reference_version"] == 0
+    assert last.meta["reference_version"] == 0
 
     second = jobs.start_job(store, "ppo", job_config(tiny_dir, iterations=1, resume=True))
     job = jobs.wait(store, second, timeout_s=240)
-    assert job["status"] == "done", job["error"]
+    assert job.status == "done", job.error
     new = store.checkpoints("policy")[-1]
-    assert new["version"] == last["version"] + 1
-    assert new["parent_version"] == last["version"]
-    assert new["meta"]["reference_version"] == 0  # the first session's reference, kept
-    assert new["meta"]["iteration"] == last["meta"]["iteration"] + 1
-    assert [s for s, _ in store.metrics(second)["objective/scores"]] == [last["meta"]["iteration"] + 1]
+    assert new.version == last.version + 1
+    assert new.parent_version == last.version
+    assert new.meta["reference_version"] == 0  # the first session's reference, kept
+    assert new.meta["iteration"] == last.meta["iteration"] + 1
+    assert [s for s, _ in store.metrics(second)["objective/scores"]] == [last.meta["iteration"] + 1]
 
 
 # --- the PPO screen --------------------------------------------------------------------
@@ -334,26 +334,26 @@ async def test_ppo_screen_starts_pauses_stops_and_continues_a_session(store, tin
                                "epochs": 1, "max_new_tokens": 4}
         await pilot.press("s")
         await wait_for(pilot, lambda: len(screen.series.get("objective/kl", [])) >= 1 and screen.rollouts, 90)
-        assert screen.job["config"]["model"] == tiny_stack.model_dir
+        assert screen.job.config["model"] == tiny_stack.model_dir
         assert screen.query_one("#ppo-rollouts").row_count == 4
         await pilot.press("p")
-        await wait_for(pilot, lambda: screen.job["status"] == "paused", 60)
+        await wait_for(pilot, lambda: screen.job.status == "paused", 60)
         assert "r resumes" in str(screen.query_one("#ppo-status").render())
-        step = screen.job["step"]
+        step = screen.job.step
         await pilot.press("r")
-        await wait_for(pilot, lambda: screen.job["status"] == "running" and screen.job["step"] > step, 60)
+        await wait_for(pilot, lambda: screen.job.status == "running" and screen.job.step > step, 60)
         await pilot.press("e")
-        await wait_for(pilot, lambda: screen.job["status"] == "cancelled", 60)
+        await wait_for(pilot, lambda: screen.job.status == "cancelled", 60)
         stopped_at = store.checkpoint("policy")
         assert stopped_at is not None
 
         screen.job_defaults["iterations"] = 1
         await pilot.press("c")
-        await wait_for(pilot, lambda: screen.job["id"] != stopped_at["job_id"] and screen.job["status"] == "done",
+        await wait_for(pilot, lambda: screen.job.id != stopped_at.job_id and screen.job.status == "done",
                         90)
         latest = store.checkpoint("policy")
-        assert latest["parent_version"] == stopped_at["version"]
-        assert latest["meta"]["reference_version"] == 0
+        assert latest.parent_version == stopped_at.version
+        assert latest.meta["reference_version"] == 0
         # every plotted metric arrived, and the event loop stayed free
         for name in ("objective/scores", "objective/kl", "beta", "objective/entropy", "policy/clipfrac",
                      "val/completion_tokens", "val/eos_fraction"):
@@ -467,17 +467,17 @@ def test_a_session_normalizes_against_its_own_reference(store, db_path, tiny_dir
     store.add_prompts(PROMPTS)
     job = run_in_process(store, db_path, job_config(tiny_dir, reward=None, init_policy_version=1, iterations=1,
                                                     batch_size=8, mini_batch_size=4))
-    assert job["status"] == "done", job["error"]
-    series = store.metrics(job["id"])
+    assert job.status == "done", job.error
+    series = store.metrics(job.id)
     assert series["objective/scores"][0][1] == pytest.approx(0.0, abs=1e-4)
     assert series["objective/scores_std"][0][1] == pytest.approx(1.0, abs=1e-4)
-    meta = store.checkpoint("policy")["meta"]
+    meta = store.checkpoint("policy").meta
     assert meta["reference_version"] == 1 and meta["reward"] == 1 and meta["norm_samples"] == 8
     assert (meta["reward_gain"], meta["reward_bias"]) != (3.0, -2.0)
 
     resumed = run_in_process(store, db_path, job_config(tiny_dir, reward=None, resume=True, iterations=1))
-    assert resumed["status"] == "done", resumed["error"]
-    after = store.checkpoint("policy")["meta"]
+    assert resumed.status == "done", resumed.error
+    after = store.checkpoint("policy").meta
     assert after["iteration"] == 2
     assert (after["reward_gain"], after["reward_bias"]) == (meta["reward_gain"], meta["reward_bias"])
 
@@ -601,9 +601,9 @@ def test_a_bad_last_minibatch_registers_no_version(store, db_path, tiny_dir, mon
     store.add_prompts(PROMPTS)
     poison_last_minibatch(monkeypatch, 2 + 2)  # 1 epoch x 2 minibatches: the last of iteration 2
     job = run_in_process(store, db_path, job_config(tiny_dir))
-    assert job["status"] == "failed"
-    assert "gradient norm is inf" in job["error"] and "nothing of this iteration was saved" in job["error"]
-    assert [c["version"] for c in store.checkpoints("policy")] == [1]  # iteration 1's, not the broken one
+    assert job.status == "failed"
+    assert "gradient norm is inf" in job.error and "nothing of this iteration was saved" in job.error
+    assert [c.version for c in store.checkpoints("policy")] == [1]  # iteration 1's, not the broken one
 
 
 def test_the_researcher_is_warned_when_the_penalty_drowns_the_labels():

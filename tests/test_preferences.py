@@ -31,8 +31,8 @@ def test_best_of_k_gives_k_minus_1_pairs_with_the_pick_chosen(store, k):
 
     assert pair_ids(store) == {(ids[1], other) for other in ids if other != ids[1]}
     (comparison,) = store.comparisons()
-    assert comparison["kind"] == "best" and comparison["choice"] == [1]
-    assert comparison["completion_ids"] == ids and comparison["labeler"] == "ann"
+    assert comparison.kind == "best" and comparison.choice == [1]
+    assert comparison.completion_ids == ids and comparison.labeler == "ann"
 
 
 @pytest.mark.parametrize("ranking", [[2, 0, 3, 1], [0, 1, 2, 3], [3, 2, 1, 0]])
@@ -53,7 +53,7 @@ def test_pairless_labels_are_kept_but_give_no_pairs(store, kind):
     record_label(store, prompt_id, ids, kind)
 
     assert store.pairs() == []
-    assert [c["kind"] for c in store.comparisons()] == [kind]
+    assert [c.kind for c in store.comparisons()] == [kind]
     assert prompt_id not in store.unlabeled_prompt_ids()  # a skip still moves the queue on
 
 
@@ -66,8 +66,8 @@ def test_undo_removes_exactly_the_last_label_and_its_pairs(store):
 
     undone = undo_last_label(store)
 
-    assert undone is not None and undone["prompt_id"] == second_prompt and undone["kind"] == "ranking"
-    assert [c["id"] for c in store.comparisons()] == [first]
+    assert undone is not None and undone.prompt_id == second_prompt and undone.kind == "ranking"
+    assert [c.id for c in store.comparisons()] == [first]
     assert pair_ids(store) == {(first_ids[0], other) for other in first_ids[1:]}
     assert store.completions(first_ids + second_ids) == before_completions  # nothing sampled is lost
     assert store.unlabeled_prompt_ids() == [second_prompt]
@@ -82,7 +82,7 @@ def test_undo_twice_walks_back_one_label_at_a_time(store):
     record_label(store, prompt_id, ids, "tie")
     record_label(store, prompt_id, ids, "best", [2])
     undo_last_label(store)
-    assert [c["kind"] for c in store.comparisons()] == ["tie"]
+    assert [c.kind for c in store.comparisons()] == ["tie"]
     undo_last_label(store)
     assert store.comparisons() == [] and store.pairs() == []
 
@@ -92,8 +92,8 @@ def test_undo_can_be_limited_to_one_labeler(store):
     mine = record_label(store, prompt_id, ids, "best", [0], labeler="me")
     record_label(store, prompt_id, ids, "best", [1], labeler="you")
     undo_last_label(store, labeler="me")
-    assert [c["labeler"] for c in store.comparisons()] == ["you"]
-    assert mine not in [c["id"] for c in store.comparisons()]
+    assert [c.labeler for c in store.comparisons()] == ["you"]
+    assert mine not in [c.id for c in store.comparisons()]
 
 
 @pytest.mark.parametrize("kind, choice", [

@@ -193,9 +193,9 @@ def wait_for_step(store, job_id, step, timeout=60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = store.job(job_id)
-        if job["step"] >= step:
+        if job.step >= step:
             return job
-        assert job["status"] in ("queued", "running"), job
+        assert job.status in ("queued", "running"), job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not reach step {step}")
 
@@ -209,7 +209,7 @@ def test_second_job_refused_and_cancel_stops_within_one_step(store, tiny_dir):
     requested_at = now()
     jobs.request(store, job_id, "cancel")
     job = jobs.wait(store, job_id, timeout_s=60)
-    assert job["status"] == "cancelled"
+    assert job.status == "cancelled"
     after = store._rows("SELECT DISTINCT step FROM metrics WHERE job_id = ? AND created_at > ?", [job_id, requested_at])
     assert len(after) <= 1, after  # at most the step that was under way
     assert store.checkpoint("reward") is None
@@ -220,22 +220,22 @@ def test_killed_job_is_reported_failed_and_a_new_one_trains_a_version(store, tin
     labels_before = store.pairs()
     job_id = jobs.start_job(store, "reward", job_config(tiny_dir, steps=100000))
     job = wait_for_step(store, job_id, 1)
-    os.kill(job["pid"], signal.SIGKILL)
+    os.kill(job.pid, signal.SIGKILL)
     job = jobs.wait(store, job_id, timeout_s=30)
-    assert job["status"] == "failed" and "ended without finishing" in job["error"]
+    assert job.status == "failed" and "ended without finishing" in job.error
     assert store.checkpoint("reward") is None
 
     second = jobs.start_job(store, "reward", job_config(tiny_dir, epochs=2))
     job = jobs.wait(store, second, timeout_s=120)
-    assert job["status"] == "done", job["error"]
+    assert job.status == "done", job.error
     checkpoint = store.checkpoint("reward")
-    assert checkpoint["version"] == 1 and checkpoint["job_id"] == second
-    assert {"gain", "bias", "eval_accuracy"} <= set(checkpoint["meta"])
+    assert checkpoint.version == 1 and checkpoint.job_id == second
+    assert {"gain", "bias", "eval_accuracy"} <= set(checkpoint.meta)
     metrics = store.metrics(second)
     assert {"loss", "accuracy", "margin", "lr", "eval/accuracy", "eval/margin"} <= set(metrics)
-    assert len(metrics["loss"]) == job["total_steps"] == job["step"]
+    assert len(metrics["loss"]) == job.total_steps == job.step
     scorer = load_scorer(tiny_stack, store)
-    assert scorer.version == 1 and scorer.gain == checkpoint["meta"]["gain"]
+    assert scorer.version == 1 and scorer.gain == checkpoint.meta["gain"]
     assert len(scorer.score_texts("Question 1: say something", ["red banana sky", "red apple sky"])) == 2
     assert store.pairs() == labels_before  # the jobs only read labels
 
@@ -333,8 +333,8 @@ def test_a_few_dozen_rule_labels_train_a_reward_model_that_beats_chance_held_out
                                          "sources": "label"})
     jobs.run(db_path, job_id)
     job = store.job(job_id)
-    assert job["status"] == "done", job["error"]
-    meta = store.checkpoint("reward")["meta"]
+    assert job.status == "done", job.error
+    meta = store.checkpoint("reward").meta
     assert meta["eval_pairs"] >= 15 and meta["eval_accuracy"] >= 0.8, meta
     assert meta["epochs"] > 1  # one epoch of 36 labels is 4 steps: not enough
     assert meta["sampling"] == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 64}
@@ -355,10 +355,10 @@ def test_a_trained_version_is_saved_before_a_later_step_can_fail(store, db_path,
     monkeypatch.setattr(rlhf.reward, "completion_scores", broken)
     job_id = store.create_job("reward", {"model": tiny_dir, "quantize": False, "device": "cpu", "steps": 2})
     assert jobs.run(db_path, job_id) == 1
-    assert "scoring pass after training failed" in store.job(job_id)["error"]
+    assert "scoring pass after training failed" in store.job(job_id).error
     saved = store.checkpoint("reward")
-    assert saved is not None and saved["job_id"] == job_id and saved["meta"]["steps"] == 2
-    assert "gain" not in saved["meta"]  # scored with gain 1, bias 0 until normalized
+    assert saved is not None and saved.job_id == job_id and saved.meta["steps"] == 2
+    assert "gain" not in saved.meta  # scored with gain 1, bias 0 until normalized
 
 
 def test_early_stopping_keeps_the_best_held_out_state(store, tiny_stack):

@@ -26,19 +26,19 @@ async def test_train_screen_cancels_then_trains_with_live_plots(store, tiny_stac
 
         screen.job_defaults = {**TINY_JOB, "steps": 100000}
         await pilot.press("s")
-        await wait_for(pilot, lambda: screen.job is not None and screen.job["step"] >= 2, 90)
-        assert screen.job["config"]["model"] == tiny_stack.model_dir
+        await wait_for(pilot, lambda: screen.job is not None and screen.job.step >= 2, 90)
+        assert screen.job.config["model"] == tiny_stack.model_dir
         await pilot.press("c")
-        await wait_for(pilot, lambda: screen.job["status"] == "cancelled", 30)
+        await wait_for(pilot, lambda: screen.job.status == "cancelled", 30)
         assert "cancelled" in str(screen.query_one("#train-status").render())
 
         screen.job_defaults = {**TINY_JOB, "epochs": 2}
         await pilot.press("s")
-        await wait_for(pilot, lambda: screen.job["status"] == "done" and store.checkpoint("reward"), 120)
+        await wait_for(pilot, lambda: screen.job.status == "done" and store.checkpoint("reward"), 120)
         await wait_for(pilot, lambda: "reward v1" in str(screen.query_one("#train-status").render()), 10)
         status = str(screen.query_one("#train-status").render())
         assert "held-out accuracy" in status and "95% CI" in status and "score~length r" in status
-        total = screen.job["total_steps"]
+        total = screen.job.total_steps
         assert [s for s, _ in screen.series["loss"]] == list(range(1, total + 1))
         assert screen.series["eval/accuracy"]
         assert screen.query_one("#train-progress").progress == total
@@ -121,20 +121,22 @@ async def test_completions_shown_before_the_model_loads_are_scored_once_it_has(s
 
 
 def test_status_line_says_why_a_job_failed_and_what_a_finished_one_gave():
+    from rlhf.rows import Checkpoint, Job
     from workbench.screens.train import Snapshot
 
     screen = TrainScreen()
-    failed = {"id": 4, "status": "failed", "step": 7, "total_steps": 20,
-              "error": "process 123 ended without finishing (crashed, killed or out of memory); last step 7"}
-    assert screen.status_text(Snapshot(job=failed)) == f"job 4 failed: {failed['error']}"
-    done = {"id": 5, "status": "done", "step": 20, "total_steps": 20, "error": None}
-    checkpoint = {"version": 2, "job_id": 5, "meta": {"eval_accuracy": 0.75, "eval_pairs": 40, "gain": 1.5,
-                                                      "bias": -0.25, "epochs": 312.0, "length_corr": 0.62, "eval_elements": 14,
-                                                      "labels_prefer_longer": 0.8, "length_pairs": 30}}
+    failed = Job(id=4, kind="reward", status="failed", step=7, total_steps=20,
+                 error="process 123 ended without finishing (crashed, killed or out of memory); last step 7")
+    assert screen.status_text(Snapshot(job=failed)) == f"job 4 failed: {failed.error}"
+    done = Job(id=5, kind="reward", status="done", step=20, total_steps=20)
+    checkpoint = Checkpoint(kind="reward", version=2, path="/r", job_id=5,
+                            meta={"eval_accuracy": 0.75, "eval_pairs": 40, "gain": 1.5, "bias": -0.25, "epochs": 312.0,
+                                  "length_corr": 0.62, "eval_elements": 14, "labels_prefer_longer": 0.8,
+                                  "length_pairs": 30})
     text = screen.status_text(Snapshot(job=done, checkpoint=checkpoint, pairs_labeled=3))
     # 40 pairs from 14 best-of-K comparisons: the interval is as wide as 14 draws make it.
     assert text.startswith("reward v2 (job 5): held-out accuracy 0.75 on 40 pairs from 14 comparisons "
                            "(95% CI 0.49-0.90), 312 epochs")
     assert "score~length r +0.62, labels chose the longer in 80% of 30 pairs" in text
-    running = {"id": 6, "status": "running", "step": 20, "total_steps": 20, "error": None}
+    running = Job(id=6, kind="reward", status="running", step=20, total_steps=20)
     assert "scoring the labeled completions" in screen.status_text(Snapshot(job=running))

@@ -83,10 +83,10 @@ def test_scripted_labeler_records_the_comparisons_the_rule_implies(store):
     kinds = label_by_rule(store, rule, k=4)
     assert kinds == {"best": 2, "tie": 1}
     comparisons = store.comparisons(purpose="preference")
-    assert [c["completion_ids"] for c in comparisons] == [picked, tied, second_round]
-    assert [c["kind"] for c in comparisons] == ["best", "tie", "best"]
-    assert [c["choice"] for c in comparisons] == [[1], None, [3]]
-    assert {c["labeler"] for c in comparisons} == {"rule:contains=banana"}
+    assert [c.completion_ids for c in comparisons] == [picked, tied, second_round]
+    assert [c.kind for c in comparisons] == ["best", "tie", "best"]
+    assert [c.choice for c in comparisons] == [[1], None, [3]]
+    assert {c.labeler for c in comparisons} == {"rule:contains=banana"}
     pairs = {(p["chosen_id"], p["rejected_id"]) for p in store.pairs(labeler="rule:contains=banana")}
     assert pairs == {(picked[1], other) for other in picked if other != picked[1]} | {
         (second_round[3], other) for other in second_round[:3]}

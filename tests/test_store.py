@@ -33,9 +33,9 @@ def test_round_trip_survives_reopen(db_path):
         assert completions[0].logprobs == [-1.5, -0.25]
         assert completions[0].finish_reason == "eos"
         [comparison] = store.comparisons()
-        assert comparison["id"] == cid
-        assert comparison["completion_ids"] == ids and comparison["choice"] == [1]
-        assert comparison["labeler"] == "ana" and comparison["seconds"] == 4.5
+        assert comparison.id == cid
+        assert comparison.completion_ids == ids and comparison.choice == [1]
+        assert comparison.labeler == "ana" and comparison.seconds == 4.5
         pairs = {(p["chosen_id"], p["rejected_id"]) for p in store.pairs()}
         assert pairs == {(ids[1], ids[0]), (ids[1], ids[2])}
 
@@ -64,9 +64,9 @@ def test_migration_from_previous_version_keeps_data(db_path):
         assert store.schema_version == SCHEMA_VERSION
         [pair] = store.pairs()
         assert (pair["chosen"], pair["rejected"], pair["source"]) == ("x", "y", "label")
-        assert store.comparisons()[0]["purpose"] == "preference"
+        assert store.comparisons()[0].purpose == "preference"
         job = store.create_job("reward", {"steps": 1})
-        assert store.job(job)["status"] == "queued"
+        assert store.job(job).status == "queued"
 
 
 def test_newer_schema_is_refused_and_left_untouched(db_path):
@@ -127,8 +127,8 @@ def test_checkpoint_versions_count_up_per_kind(store, tmp_path):
     assert store.add_checkpoint("policy", tmp_path / "a") == 1
     assert store.add_checkpoint("policy", tmp_path / "b") == 2
     assert store.add_checkpoint("reward", tmp_path / "r", meta={"gain": 2.0}) == 1
-    assert store.checkpoint("policy")["path"] == str(tmp_path / "b")
-    assert store.checkpoint("reward", 1)["meta"] == {"gain": 2.0}
+    assert store.checkpoint("policy").path == str(tmp_path / "b")
+    assert store.checkpoint("reward", 1).meta == {"gain": 2.0}
     with pytest.raises(UserError, match="no policy version 9"):
         store.checkpoint("policy", 9)
 

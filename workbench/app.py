@@ -132,7 +132,7 @@ class WorkbenchApp(App[None]):
         self.reward_scores = RewardScores(self)  # scores and agreement, once a reward model exists
         self.sub_title = str(store.path)
         self._samples_added = load_sample_prompts(self.store) if load_samples else 0
-        versions = [c["version"] for c in store.checkpoints("policy")]
+        versions = [c.version for c in store.checkpoints("policy")]
         self._target_version = (versions[-1] if versions else 0) if policy_version is None else policy_version
         if stack is not None and sampler is None:
             self.sampler = self._stack_sampler(stack)
@@ -221,7 +221,7 @@ class WorkbenchApp(App[None]):
             return
         checkpoint = self.store.checkpoint("policy", version)
         assert checkpoint is not None
-        stack.load_policy(checkpoint["path"], version)
+        stack.load_policy(checkpoint.path, version)
 
     def sample_completions(self, prompt_id: int, text: str,
                            still_wanted: Callable[[], bool] | None = None) -> list[int] | None:
@@ -295,10 +295,10 @@ class WorkbenchApp(App[None]):
     def action_pick_version(self) -> None:
         versions = [(0, "base model (adapters off)")]
         for c in self.store.checkpoints("policy"):
-            about = f"saved {c['created_at'][:16].replace('T', ' ')}"
-            if c.get("job_id"):
-                about += f" by job {c['job_id']}"
-            versions.append((c["version"], about))
+            about = f"saved {c.created_at[:16].replace('T', ' ')}"
+            if c.job_id:
+                about += f" by job {c.job_id}"
+            versions.append((c.version, about))
 
         def chosen(version: int | None) -> None:
             if version is not None and version != self.policy_version:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import random
 
-from rlhf.store import Completion, Prompt, Store
+from rlhf.rows import Completion, Prompt
+from rlhf.store import Store
 
 
 class Deck:

@@ -6,9 +6,7 @@ metric rows are merged by step: only points past the last one drawn are kept.
 
 from __future__ import annotations
 
-from typing import Any
-
-from rlhf.store import ACTIVE_JOB_STATUSES
+from rlhf.rows import Job
 
 Series = dict[str, list[tuple[int, float]]]
 
@@ -25,7 +23,7 @@ def merge_new_points(series: Series, new_metrics: Series, last_step: int) -> int
     return max(step for points in fresh.values() for step, _ in points)
 
 
-def just_finished(before: dict[str, Any] | None, now: dict[str, Any] | None) -> bool:
+def just_finished(before: Job | None, now: Job | None) -> bool:
     """Did this job end between two polls (active before, not now)?"""
-    return (before is not None and now is not None and before["id"] == now["id"]
-            and before["status"] in ACTIVE_JOB_STATUSES and now["status"] not in ACTIVE_JOB_STATUSES)
+    return (before is not None and now is not None and before.id == now.id
+            and before.active and not now.active)

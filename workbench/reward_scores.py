@@ -80,17 +80,17 @@ class RewardScores:
         if latest is None or self.app.stack is None:
             return None
         with self._lock:
-            if self.scorer is not None and self.version == latest["version"]:
+            if self.scorer is not None and self.version == latest.version:
                 return self.scorer
-            if self._failed_version == latest["version"]:
+            if self._failed_version == latest.version:
                 return None
             try:
-                self.scorer = load_scorer(self.app.stack, self.app.store, latest["version"])
+                self.scorer = load_scorer(self.app.stack, self.app.store, latest.version)
             except UserError as e:  # e.g. trained on another base model
-                self._failed_version = latest["version"]
-                self.app.call_from_thread(self.app.notify, f"reward v{latest['version']}: {e}", severity="warning")
+                self._failed_version = latest.version
+                self.app.call_from_thread(self.app.notify, f"reward v{latest.version}: {e}", severity="warning")
                 return None
-            self.version = latest["version"]
+            self.version = latest.version
             self._cache = {}
         return self.scorer
 

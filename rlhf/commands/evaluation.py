@@ -53,11 +53,11 @@ def cmd_eval_policy(args: argparse.Namespace) -> int:
         if args.against:
             store.checkpoint("policy", args.against)  # a clear error before the model loads
         stack = load_stack(model_options(args), progress=say)
-        role, against_role = load_versions(stack, store, latest["version"], args.against)
+        role, against_role = load_versions(stack, store, latest.version, args.against)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             seed=args.seed)
     result = evaluate(stack, prompts, rule, params, k=args.k, role=role, against_role=against_role,
-                      version=latest["version"], against=args.against)
+                      version=latest.version, against=args.against)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0

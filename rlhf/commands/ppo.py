@@ -8,6 +8,7 @@ from typing import Any
 
 from rlhf.commands.common import add_model_options, add_sampling_options, at_least, open_db, positive, say
 from rlhf.errors import UserError
+from rlhf.rows import Job
 
 # What --wait prints per iteration: (metric, label, format).
 PROGRESS = (("objective/scores", "score", "{:.3f}"), ("objective/scores_std", "std", "{:.2f}"),
@@ -103,19 +104,19 @@ def cmd_ppo(args: argparse.Namespace) -> int:
         if not args.wait:
             return 0
         job = follow(store, job_id, say)
-    if job["status"] == "failed":
-        print(f"rlhf: error: PPO job {job_id} failed: {job['error']}")
+    if job.status == "failed":
+        print(f"rlhf: error: PPO job {job_id} failed: {job.error}")
         return 1
-    print(f"PPO job {job_id} {job['status']} after iteration {job['step']}")
+    print(f"PPO job {job_id} {job.status} after iteration {job.step}")
     return 0
 
 
-def follow(store: Any, job_id: int, say: Any) -> dict[str, Any]:
+def follow(store: Any, job_id: int, say: Any) -> Job:
     """Print each new iteration's metrics until the job ends; returns its row."""
     from rlhf import jobs
     from rlhf.ppo import penalty_warning
 
-    def on_step(job: dict[str, Any], step: int, row: dict[str, float]) -> None:
+    def on_step(job: Job, step: int, row: dict[str, float]) -> None:
         parts = [f"{label} {fmt.format(row[name])}" for name, label, fmt in PROGRESS if name in row]
         print(f"iteration {step}: " + "  ".join(parts), flush=True)
         warning = penalty_warning(row)
@@ -136,10 +137,10 @@ def cmd_ppo_control(args: argparse.Namespace) -> int:
         job_id = args.job
         if job_id is None:
             active = jobs.active_job(store)
-            if active is None or active["kind"] != "ppo":
+            if active is None or active.kind != "ppo":
                 raise UserError("no PPO session is running: start one with `rlhf ppo`")
-            job_id = active["id"]
-        elif store.job(job_id)["kind"] != "ppo":
+            job_id = active.id
+        elif store.job(job_id).kind != "ppo":
             raise UserError(f"job {job_id} is not a PPO session")
         jobs.request(store, job_id, "cancel" if args.action == "stop" else args.action)
     print(f"asked PPO job {job_id} to {args.action} (it acts between iterations)"

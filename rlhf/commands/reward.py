@@ -14,6 +14,7 @@ from typing import Any
 
 from rlhf.commands.common import add_model_options, at_least, model_options, open_db, say
 from rlhf.errors import UserError
+from rlhf.rows import Job
 from rlhf.text_input import error_summary
 
 
@@ -79,12 +80,12 @@ def job_config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
-def progress_line(job: dict[str, Any], step: int, metrics: dict[str, float]) -> str:
+def progress_line(job: Job, step: int, metrics: dict[str, float]) -> str:
     """One line per logged step: step/total, loss, accuracy, held-out accuracy."""
     def shown(name: str) -> str:
         return f"{metrics[name]:.3f}" if name in metrics else "-"
 
-    total = job["total_steps"] or "?"
+    total = job.total_steps or "?"
     return (f"step {step}/{total}  loss {shown('loss')}  accuracy {shown('accuracy')}  "
             f"held-out accuracy {shown('eval/accuracy')}  margin {shown('margin')}")
 
@@ -124,7 +125,7 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
             return 0
         latest: dict[str, float] = {}  # held-out figures come every few steps: show the last ones
 
-        def on_step(job: dict[str, Any], step: int, metrics: dict[str, float]) -> None:
+        def on_step(job: Job, step: int, metrics: dict[str, float]) -> None:
             latest.update(metrics)
             print(progress_line(job, step, latest), flush=True)
 
@@ -134,14 +135,14 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
             print(f"stopped following; job {job_id} keeps running in the background",
                   file=sys.stderr)
             return 130
-        if job["status"] == "done":
+        if job.status == "done":
             checkpoint = store.checkpoint("reward")
             assert checkpoint is not None
-            for line in summary_lines(checkpoint["version"], checkpoint["meta"]):
+            for line in summary_lines(checkpoint.version, checkpoint.meta):
                 print(line)
             return 0
-        reason = f": {job['error']}" if job["error"] else ""
-        print(f"job {job_id} {job['status']}{reason}", file=sys.stderr)
+        reason = f": {job.error}" if job.error else ""
+        print(f"job {job_id} {job.status}{reason}", file=sys.stderr)
         return 1
 
 

@@ -49,7 +49,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.policy_version:
             checkpoint = store.checkpoint("policy", args.policy_version)
             assert checkpoint is not None
-            stack.load_policy(checkpoint["path"], args.policy_version)
+            stack.load_policy(checkpoint.path, args.policy_version)
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed)
         prompts = [store.prompt(i) for i in ids]

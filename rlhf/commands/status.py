@@ -39,20 +39,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     with open_db(args) as store:
         refresh(store)
-        rows = [{"id": j["id"], "kind": j["kind"], "status": j["status"], "step": j["step"],
-                 "total_steps": j["total_steps"], "started_at": j["started_at"], "finished_at": j["finished_at"],
-                 "error": j["error"], "log": str(log_path(store.path, j["id"]))} for j in store.jobs()]
+        jobs = store.jobs()
+        logs = {job.id: str(log_path(store.path, job.id)) for job in jobs}
     if args.json:
-        print(json.dumps(rows, indent=2))
+        fields = ("id", "kind", "status", "step", "total_steps", "started_at", "finished_at", "error")
+        print(json.dumps([{**{k: getattr(job, k) for k in fields}, "log": logs[job.id]} for job in jobs], indent=2))
         return 0
-    if not rows:
+    if not jobs:
         print("no jobs yet: `rlhf train-reward` and `rlhf ppo` start them")
         return 0
-    for job in rows:
-        when = " to ".join(s[:19].replace("T", " ") for s in (job["started_at"], job["finished_at"]) if s)
-        print(f"job {job['id']}  {job['kind']:<6}  {job['status']:<9}  step {job['step']}/{job['total_steps'] or '?'}"
+    for job in jobs:
+        when = " to ".join(s[:19].replace("T", " ") for s in (job.started_at, job.finished_at) if s)
+        print(f"job {job.id}  {job.kind:<6}  {job.status:<9}  step {job.step}/{job.total_steps or '?'}"
               f"  {when or 'not started'}")
-        if job["error"]:
-            print(f"    reason: {job['error']}")
-        print(f"    log: {job['log']}")
+        if job.error:
+            print(f"    reason: {job.error}")
+        print(f"    log: {logs[job.id]}")
     return 0

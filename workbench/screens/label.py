@@ -24,7 +24,7 @@ from textual.worker import WorkerCancelled
 
 from rlhf.errors import UserError
 from rlhf.preferences import record_label, undo_last_label
-from rlhf.store import Completion
+from rlhf.rows import Completion
 from workbench.deck import Deck
 from workbench.messages import (
     CompletionsSampled,
@@ -442,14 +442,14 @@ class LabelScreen(WorkbenchScreen):
         if last is None:
             self.notify("nothing to undo", severity="warning", timeout=2)
             return
-        self.post_message(LabelUndone(last["id"]))
-        pid = last["prompt_id"]
+        self.post_message(LabelUndone(last.id))
+        pid = last.prompt_id
         self.deck.reload()
         # Back to the undone prompt, showing exactly what was shown then.
-        self.deck.set_exact(pid, last["completion_ids"])
+        self.deck.set_exact(pid, last.completion_ids)
         self.deck.go(pid)
         self._list_mark(pid)
-        self.notify(f"undid the {last['kind'].replace('_', ' ')} label on prompt {pid}", timeout=3)
+        self.notify(f"undid the {last.kind.replace('_', ' ')} label on prompt {pid}", timeout=3)
         self.show_current()
 
     # -- moving and changing prompts

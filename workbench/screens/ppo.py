@@ -20,13 +20,12 @@ from textual.containers import Grid, Horizontal
 from textual.widgets import Button, Checkbox, DataTable, Label, ProgressBar, Select, Static
 from textual_plotext import PlotextPlot
 
-from rlhf.store import ACTIVE_JOB_STATUSES
+from rlhf.rows import Job
 from workbench.job_follow import just_finished, merge_new_points
 from workbench.screens.base import WorkbenchScreen
 from workbench.widgets.text import one_line
 
 POLL_S = 1.0
-ACTIVE = ACTIVE_JOB_STATUSES
 # (metric, label, format) of the latest iteration in the status line, after the score.
 FIGURES = (("objective/kl", "KL", "{:.3g}"), ("beta", "beta", "{:.3g}"), ("val/ratio", "ratio", "{:.3g}"),
            ("val/eos_fraction", "EOS", "{:.0%}"), ("val/completion_tokens", "length", "{:.0f}"),
@@ -48,7 +47,7 @@ REWARD_CHOICES = (("reward model (latest)", ""), ("rule: short answers ending in
 class Snapshot:
     """What one poll read from the store."""
 
-    job: dict[str, Any] | None
+    job: Job | None
     new_metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     rollouts: list[dict[str, Any]] | None = None
     last_version: int | None = None
@@ -66,7 +65,7 @@ class PPOScreen(WorkbenchScreen):
     def __init__(self) -> None:
         super().__init__()
         self.job_id: int | None = None
-        self.job: dict[str, Any] | None = None
+        self.job: Job | None = None
         self.last_step = 0                  # metrics read up to this iteration
         self.series: dict[str, list[tuple[int, float]]] = {}
         self.rollouts: list[dict[str, Any]] = []
@@ -119,26 +118,26 @@ class PPOScreen(WorkbenchScreen):
 
         store = self.wb.store
         job_id, after = self.job_id, self.last_step
-        if self.job is not None and self.job["status"] in ACTIVE:
+        if self.job is not None and self.job.active:
             jobs.refresh(store)  # a killed session shows as failed
         latest = jobs.latest_job(store, "ppo")
-        if latest is not None and latest["id"] != job_id:
-            job_id, after = latest["id"], 0
+        if latest is not None and latest.id != job_id:
+            job_id, after = latest.id, 0
         snap = Snapshot(job=latest)
         if job_id is not None:
             snap.new_metrics = store.metrics(job_id, after_step=after)
             if snap.new_metrics or after == 0:
                 snap.rollouts = read_rollouts(checkpoints_dir(store.path), job_id)
         last = store.checkpoint("policy")
-        snap.last_version = last["version"] if last else None
+        snap.last_version = last.version if last else None
         self.app.call_from_thread(self._apply, snap)
 
     # -- showing it (on the event loop)
 
     def _apply(self, snap: Snapshot) -> None:
         job = snap.job
-        if job is not None and job["id"] != self.job_id:
-            self.job_id, self.last_step, self.series, self.rollouts = job["id"], 0, {}, []
+        if job is not None and job.id != self.job_id:
+            self.job_id, self.last_step, self.series, self.rollouts = job.id, 0, {}, []
         finished_now = just_finished(self.job, job)
         self.job, self.last_version = job, snap.last_version
         last_step = merge_new_points(self.series, snap.new_metrics, self.last_step)
@@ -150,48 +149,48 @@ class PPOScreen(WorkbenchScreen):
             self._fill_rollouts()
         self._progress(job)
         self.query_one("#ppo-status", Static).update(self.status_text())
-        active = job is not None and job["status"] in ACTIVE
+        active = job is not None and job.active
         self.query_one("#ppo-start", Button).disabled = active
         self.query_one("#ppo-stop", Button).disabled = not active
-        self.query_one("#ppo-pause", Button).disabled = not active or job["status"] == "paused"
-        self.query_one("#ppo-resume", Button).disabled = not active or job["status"] != "paused"
+        self.query_one("#ppo-pause", Button).disabled = not active or job.status == "paused"
+        self.query_one("#ppo-resume", Button).disabled = not active or job.status != "paused"
         if finished_now:
             self._finished(job)
 
-    def _finished(self, job: dict[str, Any]) -> None:
-        if job["status"] == "failed":
-            self.notify(f"PPO failed: {job['error']}", severity="error", timeout=12)
-        elif job["status"] == "cancelled":
-            self.notify(f"PPO stopped at iteration {job['step']}; c continues it")
+    def _finished(self, job: Job) -> None:
+        if job.status == "failed":
+            self.notify(f"PPO failed: {job.error}", severity="error", timeout=12)
+        elif job.status == "cancelled":
+            self.notify(f"PPO stopped at iteration {job.step}; c continues it")
         else:
             self.notify(f"PPO session done: policy v{self.last_version} saved")
 
-    def _progress(self, job: dict[str, Any] | None) -> None:
+    def _progress(self, job: Job | None) -> None:
         bar = self.query_one("#ppo-progress", ProgressBar)
-        if job is None or not job["total_steps"]:
+        if job is None or not job.total_steps:
             bar.update(total=None)
             return
         # Iterations count on across a resumed session: "iteration 7 of 10".
-        bar.update(total=job["total_steps"], progress=job["step"])
+        bar.update(total=job.total_steps, progress=job.step)
 
     def status_text(self) -> str:
         job = self.job
         if job is None:
             return "No PPO session yet. Press s to start one (it trains the policy against the reward model)."
-        head = f"PPO job {job['id']} {job['status']}"
-        if job["status"] == "queued" or (job["status"] == "running" and not self.series):
+        head = f"PPO job {job.id} {job.status}"
+        if job.status == "queued" or (job.status == "running" and not self.series):
             return f"{head}: loading the model, the reward and the reference; sampling the first batch"
         figures = self._latest_figures() + self._penalty_warning()
-        if job["status"] == "paused":
-            return f"{head} after iteration {job['step']}{figures}. r resumes, e stops."
-        if job["status"] == "running":
-            return f"{head}: iteration {job['step']}{figures}"
-        if job["status"] == "failed":
-            return f"{head}: {job['error'] or 'no reason recorded'}"
+        if job.status == "paused":
+            return f"{head} after iteration {job.step}{figures}. r resumes, e stops."
+        if job.status == "running":
+            return f"{head}: iteration {job.step}{figures}"
+        if job.status == "failed":
+            return f"{head}: {job.error or 'no reason recorded'}"
         version = f"; latest policy v{self.last_version}" if self.last_version else ""
-        if job["status"] == "cancelled":
-            return f"{head} after iteration {job['step']}{version}. c continues it, s starts a new session."
-        return f"{head} after iteration {job['step']}{version}{figures}. s starts another session."
+        if job.status == "cancelled":
+            return f"{head} after iteration {job.step}{version}. c continues it, s starts a new session."
+        return f"{head} after iteration {job.step}{version}{figures}. s starts another session."
 
     def _latest(self) -> dict[str, float]:
         """Each metric's value at the latest iteration that logged it."""
@@ -265,8 +264,8 @@ class PPOScreen(WorkbenchScreen):
         self._begin(resume=True)
 
     def _begin(self, *, resume: bool) -> None:
-        if self.job is not None and self.job["status"] in ACTIVE:
-            self.notify(f"PPO job {self.job['id']} is still {self.job['status']}: stop it first (e)",
+        if self.job is not None and self.job.active:
+            self.notify(f"PPO job {self.job.id} is still {self.job.status}: stop it first (e)",
                         severity="warning")
             return
         self._start(self.job_config(resume=resume))
@@ -285,10 +284,10 @@ class PPOScreen(WorkbenchScreen):
         self.app.call_from_thread(self.poll)
 
     def action_control(self, action: str) -> None:
-        if self.job is None or self.job["status"] not in ACTIVE:
+        if self.job is None or not self.job.active:
             self.notify("no PPO session is running")
             return
-        self._control(self.job["id"], action)
+        self._control(self.job.id, action)
 
     @work(thread=True, group="ppo-control", exit_on_error=False)
     def _control(self, job_id: int, action: str) -> None:

@@ -19,13 +19,12 @@ from textual.containers import Horizontal
 from textual.widgets import Button, Label, ProgressBar, Select, Static
 from textual_plotext import PlotextPlot
 
+from rlhf.rows import Checkpoint, Job
 from rlhf.stats import rate_text
-from rlhf.store import ACTIVE_JOB_STATUSES
 from workbench.job_follow import just_finished, merge_new_points
 from workbench.screens.base import WorkbenchScreen
 
 POLL_S = 1.0
-ACTIVE = ACTIVE_JOB_STATUSES
 # Plotted series: (metric name, legend label), per plot.
 LOSS_SERIES = (("loss", "loss"),)
 ACCURACY_SERIES = (("accuracy", "accuracy"), ("eval/accuracy", "held-out accuracy"))
@@ -38,9 +37,9 @@ EPOCH_CHOICES = [("auto (held-out)", AUTO), *[(str(n), n) for n in (1, 2, 4, 8)]
 class Snapshot:
     """What one poll read from the store."""
 
-    job: dict[str, Any] | None
+    job: Job | None
     new_metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    checkpoint: dict[str, Any] | None = None
+    checkpoint: Checkpoint | None = None
     pairs_labeled: int = 0
     pairs_imported: int = 0
 
@@ -66,7 +65,7 @@ class TrainScreen(WorkbenchScreen):
     def __init__(self) -> None:
         super().__init__()
         self.job_id: int | None = None      # the job the plots show
-        self.job: dict[str, Any] | None = None
+        self.job: Job | None = None
         self.last_step = -1                 # metrics read up to this step
         self.series: dict[str, list[tuple[int, float]]] = {}
         # Extra RewardConfig fields for jobs started here (tests make them tiny).
@@ -106,11 +105,11 @@ class TrainScreen(WorkbenchScreen):
 
         store = self.wb.store
         job_id, after = self.job_id, self.last_step
-        if job_id is not None and self.job is not None and self.job["status"] in ACTIVE:
+        if job_id is not None and self.job is not None and self.job.active:
             jobs.refresh(store)  # a killed job shows as failed
         latest = jobs.latest_job(store, "reward")
-        if latest is not None and latest["id"] != job_id:
-            job_id, after = latest["id"], -1
+        if latest is not None and latest.id != job_id:
+            job_id, after = latest.id, -1
         snap = Snapshot(job=latest, checkpoint=store.checkpoint("reward"))
         if job_id is not None:
             snap.new_metrics = store.metrics(job_id, after_step=after)
@@ -122,8 +121,8 @@ class TrainScreen(WorkbenchScreen):
 
     def _apply(self, snap: Snapshot) -> None:
         job = snap.job
-        if job is not None and job["id"] != self.job_id:
-            self.job_id, self.last_step, self.series = job["id"], -1, {}
+        if job is not None and job.id != self.job_id:
+            self.job_id, self.last_step, self.series = job.id, -1, {}
         finished_now = just_finished(self.job, job)
         self.job = job
         last_step = merge_new_points(self.series, snap.new_metrics, self.last_step)
@@ -132,51 +131,51 @@ class TrainScreen(WorkbenchScreen):
             self._draw()
         self._progress(job)
         self.query_one("#train-status", Static).update(self.status_text(snap))
-        self.query_one("#train-cancel", Button).disabled = job is None or job["status"] not in ACTIVE
-        self.query_one("#train-start", Button).disabled = job is not None and job["status"] in ACTIVE
+        self.query_one("#train-cancel", Button).disabled = job is None or not job.active
+        self.query_one("#train-start", Button).disabled = job is not None and job.active
         if finished_now:
             self._finished(job, snap.checkpoint)
 
-    def _finished(self, job: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
-        if job["status"] == "done":
-            self.notify(f"reward model v{checkpoint['version'] if checkpoint else '?'} is ready")
+    def _finished(self, job: Job, checkpoint: Checkpoint | None) -> None:
+        if job.status == "done":
+            self.notify(f"reward model v{checkpoint.version if checkpoint else '?'} is ready")
             scores = getattr(self.app, "reward_scores", None)
             if scores is not None:
                 scores.refresh_agreement()
-        elif job["status"] == "failed":
-            self.notify(f"training failed: {job['error']}", severity="error", timeout=10)
+        elif job.status == "failed":
+            self.notify(f"training failed: {job.error}", severity="error", timeout=10)
         else:
-            self.notify(f"training {job['status']}")
+            self.notify(f"training {job.status}")
 
-    def _progress(self, job: dict[str, Any] | None) -> None:
+    def _progress(self, job: Job | None) -> None:
         bar = self.query_one("#train-progress", ProgressBar)
-        if job is None or not job["total_steps"]:
+        if job is None or not job.total_steps:
             bar.update(total=None)
             return
-        bar.update(total=job["total_steps"], progress=job["step"])
+        bar.update(total=job.total_steps, progress=job.step)
 
     def status_text(self, snap: Snapshot) -> str:
         job = snap.job
         pairs = f"{snap.pairs_labeled} labeled + {snap.pairs_imported} imported pairs"
         if job is None:
             return f"No reward model trained yet. {pairs}. Press s to train one."
-        head = f"job {job['id']} {job['status']}"
-        if job["status"] in ACTIVE:
-            total = job["total_steps"] or "?"
-            if job["status"] == "queued" or (job["step"] == 0 and job["status"] == "running"):
+        head = f"job {job.id} {job.status}"
+        if job.active:
+            total = job.total_steps or "?"
+            if job.status == "queued" or (job.step == 0 and job.status == "running"):
                 return f"{head}: loading the model and the pairs ({pairs})"
-            if job["total_steps"] and job["step"] >= job["total_steps"]:
+            if job.total_steps and job.step >= job.total_steps:
                 return f"{head}: trained {total} steps; scoring the labeled completions"
-            return f"{head}: step {job['step']}/{total}{self._latest_figures()}"
-        if job["status"] == "failed":
-            return f"{head}: {job['error'] or 'no reason recorded'}"
-        if job["status"] == "cancelled":
-            return f"{head} at step {job['step']}. {pairs}. Press s to train again."
+            return f"{head}: step {job.step}/{total}{self._latest_figures()}"
+        if job.status == "failed":
+            return f"{head}: {job.error or 'no reason recorded'}"
+        if job.status == "cancelled":
+            return f"{head} at step {job.step}. {pairs}. Press s to train again."
         checkpoint = snap.checkpoint
         if checkpoint is None:
             return f"{head}. {pairs}."
-        meta = checkpoint["meta"]
-        parts = [f"reward v{checkpoint['version']} (job {checkpoint['job_id']}): held-out accuracy "
+        meta = checkpoint.meta
+        parts = [f"reward v{checkpoint.version} (job {checkpoint.job_id}): held-out accuracy "
                  + rate_text(meta.get("eval_accuracy"), int(meta.get("eval_pairs", 0)),
                              independent=meta.get("eval_elements"))]
         if "epochs" in meta:
@@ -224,8 +223,8 @@ class TrainScreen(WorkbenchScreen):
         return {**config, **self.job_defaults}
 
     def action_start(self) -> None:
-        if self.job is not None and self.job["status"] in ACTIVE:
-            self.notify(f"job {self.job['id']} is still {self.job['status']}: cancel it first (c)", severity="warning")
+        if self.job is not None and self.job.active:
+            self.notify(f"job {self.job.id} is still {self.job.status}: cancel it first (c)", severity="warning")
             return
         self._start(self.job_config())
 
@@ -240,10 +239,10 @@ class TrainScreen(WorkbenchScreen):
         self.app.call_from_thread(self.poll)
 
     def action_cancel(self) -> None:
-        if self.job is None or self.job["status"] not in ACTIVE:
+        if self.job is None or not self.job.active:
             self.notify("no training job is running")
             return
-        self._cancel(self.job["id"])
+        self._cancel(self.job.id)
 
     @work(thread=True, group="train-cancel", exit_on_error=False)
     def _cancel(self, job_id: int) -> None:

@@ -9,7 +9,7 @@ from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.widgets import Static
 
-from rlhf.store import Completion
+from rlhf.rows import Completion
 
 
 class CompletionCard(VerticalScroll, can_focus=False):
