@@ -26,10 +26,11 @@ from typing import Any
 
 import psutil
 
+from rlhf.database import now
 from rlhf.errors import UserError
 from rlhf.locations import checkpoints_dir
 from rlhf.rows import Job
-from rlhf.store import Store, now
+from rlhf.store import Store
 
 # kind -> "module:function" taking a JobContext; imported only in the child.
 RUNNERS: dict[str, str] = {

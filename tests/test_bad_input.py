@@ -135,9 +135,9 @@ def test_import_waits_for_another_writer_instead_of_failing(filled, tmp_path):
 
 def test_a_database_locked_past_the_timeout_is_one_line_and_imports_nothing(capsys, filled, tmp_path,
                                                                             monkeypatch):
-    import rlhf.store
+    import rlhf.database
 
-    monkeypatch.setattr(rlhf.store, "BUSY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(rlhf.database, "BUSY_TIMEOUT_S", 0.3)
     path = tmp_path / "pairs.jsonl"
     write_jsonl(path, [{"prompt": "q", "chosen": "yes", "rejected": "no"}])
     before = rows(filled)

@@ -9,8 +9,9 @@ import sqlite3
 import pytest
 
 from rlhf.errors import UserError
+from rlhf.migrations import SCHEMA_VERSION
 from rlhf.preferences import record_label
-from rlhf.store import SCHEMA_VERSION, Store
+from rlhf.store import Store
 
 
 def _completion_rows(n: int) -> list[dict]:
