@@ -127,8 +127,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
+    from rlhf.chat import chat_prompt_ids
     from rlhf.models import load_tokenizer, resolve_model_dir
-    from rlhf.sampling import chat_prompt_ids
 
     torch.manual_seed(args.seed)
     model_dir = resolve_model_dir("embedded")

@@ -23,13 +23,13 @@ import gzip
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rlhf.chat import ASSISTANT, HUMAN, prompt_messages, render_transcript
 from rlhf.errors import UserError
 from rlhf.store import IMPORT_SOURCE_PREFIX, Store
 from rlhf.text_input import decode_text, split_lines, text_problem
@@ -39,9 +39,6 @@ FORMATS = ("trl", "parquet", "hf")
 METADATA_COLUMNS = ("comparison_id", "policy_version", "labeler", "created_at", "source")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
-HUMAN = "\n\nHuman:"
-ASSISTANT = "\n\nAssistant:"
-_TURN = re.compile(r"\n\n(Human|Assistant):")
 _ROLES = ("system", "user", "assistant")
 
 
@@ -70,34 +67,7 @@ class ImportReport:
     source: str = ""  # what the pairs are marked with: 'import:<file name>'
 
 
-# --- prompts as messages and back ----------------------------------------------------
-
-
-def render_transcript(messages: list[dict[str, str]]) -> str:
-    """User/assistant messages as an HH transcript that ends ready for the reply."""
-    turns = [f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content']}" for m in messages]
-    return "".join(turns) + ASSISTANT
-
-
-def transcript_messages(text: str) -> list[dict[str, str]] | None:
-    """The messages of an HH transcript prompt, or None when ``text`` is not one.
-
-    Only a transcript that ``render_transcript`` writes back character for
-    character counts, so turning it into messages and back never changes it."""
-    if not (text.startswith(HUMAN) and text.endswith(ASSISTANT)):
-        return None
-    parts = _TURN.split(text)  # ['', 'Human', ' q', 'Assistant', ' a', ..., 'Assistant', '']
-    messages = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
-                for who, said in zip(parts[1::2], parts[2::2])]
-    messages.pop()  # the open assistant turn the reply goes into
-    if not messages or render_transcript(messages) != text:
-        return None
-    return messages
-
-
-def prompt_messages(text: str) -> list[dict[str, str]]:
-    """A stored prompt as chat messages: an HH transcript's turns, else one user message."""
-    return transcript_messages(text) or [{"role": "user", "content": text}]
+# --- conversational rows ------------------------------------------------------------
 
 
 def _messages_prompt(messages: Any) -> tuple[str | None, str | None]:

@@ -42,11 +42,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from rlhf.chat import chat_prompt_ids
 from rlhf.errors import UserError
-from rlhf.reward_data import (SOURCES, Element, batches, completion_tokens, join_prompt, right_pad, split_by_prompt,
-                              store_elements)
-from rlhf.sampling import chat_prompt_ids
+from rlhf.reward_data import SOURCES, Element, batches, completion_tokens, join_prompt, split_by_prompt, store_elements
 from rlhf.stats import correlation, rate_text
+from rlhf.tokens import right_pad
 
 if TYPE_CHECKING:
     from rlhf.jobs import JobContext

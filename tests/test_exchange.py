@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.chat import prompt_messages
 from rlhf.cli import main
 from rlhf.errors import UserError
 from rlhf.exchange import (
@@ -15,7 +16,6 @@ from rlhf.exchange import (
     export_pairs,
     import_file,
     parse_row,
-    prompt_messages,
     read_preference_file,
 )
 from rlhf.preferences import record_label

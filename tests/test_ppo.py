@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from rlhf import ppo_math as pm
+from rlhf.chat import chat_prompt_ids
 from rlhf.errors import UserError
 from rlhf.ppo import PPOConfig, PPOSession, prepare_stack, rule_scorer
-from rlhf.sampling import chat_prompt_ids
 
 PROMPTS = ["Say hello.", "What is 2 + 2?", "Write a poem about tea.", "Tell me a joke."]
 

@@ -16,12 +16,13 @@ import torch
 from conftest import WORDS, synthetic_pairs
 
 from rlhf import jobs
+from rlhf.chat import chat_prompt_ids
 from rlhf.errors import UserError
 from rlhf.preferences import record_label
 from rlhf.reward import (RewardConfig, RewardScorer, agreement, bradley_terry_loss, disagreements, element_loss,
                          load_scorer, plan_steps, raw_rewards, score_labeled_pairs, train)
 from rlhf.reward_data import Element, split_by_prompt, store_elements
-from rlhf.sampling import SamplingParams, chat_prompt_ids, sample_k
+from rlhf.sampling import SamplingParams, sample_k
 from rlhf.store import Store, now
 
 # --- the loss -----------------------------------------------------------------------
