@@ -232,10 +232,12 @@ class PPOSession:
     """PPO state across iterations: the optimizer, beta, and where the prompts are."""
 
     def __init__(self, stack: ModelStack, scorer: Scorer, prompts: Sequence[str], config: PPOConfig,
-                 *, beta: float | None = None, normalization: dict[str, float] | None = None) -> None:
+                 *, beta: float | None = None, normalization: dict[str, float] | None = None,
+                 on_minibatch: Callable[[dict[str, float]], None] | None = None) -> None:
         """``normalization``: the reward gain and bias a resumed session keeps (the
         NORMALIZATION_KEYS of its last checkpoint); None for a new session, which
-        normalizes on its first batch."""
+        normalizes on its first batch. ``on_minibatch`` sees the statistics of every
+        minibatch (its ratio, losses, clip fraction) before its step is taken."""
         if not prompts:
             raise UserError("no prompts for PPO: add some with `rlhf prompts add FILE`")
         self.stack, self.scorer, self.config = stack, scorer, config
@@ -255,8 +257,7 @@ class PPOSession:
         self._order: list[int] = []
         self.sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p,
                                        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
-        # Hooks for tests: the ratio of every minibatch as it is computed.
-        self.on_minibatch: Callable[[dict[str, float]], None] | None = None
+        self.on_minibatch = on_minibatch
 
     @property
     def beta(self) -> float:

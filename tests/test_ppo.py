@@ -105,9 +105,8 @@ def small_config(**overrides) -> PPOConfig:
 
 def test_first_rollout_has_zero_kl_and_first_ratio_is_one(tiny_stack):
     scorer = rule_scorer("rule:distinct", tiny_stack.tokenizer.eos_token_id, 6)
-    session = PPOSession(tiny_stack, scorer, PROMPTS, small_config())
     seen = []
-    session.on_minibatch = seen.append
+    session = PPOSession(tiny_stack, scorer, PROMPTS, small_config(), on_minibatch=seen.append)
     metrics, batch = session.iteration(1)
     # A fresh LoRA adapter is the base exactly: pi == pi_ref before any update.
     assert metrics["objective/kl"] == pytest.approx(0.0, abs=1e-5)
