@@ -147,7 +147,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf.models import compute_dtype, load_tokenizer, resolve_model_dir
+    from rlhf.model_stack import compute_dtype
+    from rlhf.models import load_tokenizer, resolve_model_dir
     from rlhf.reward_data import split_by_prompt
 
     torch.manual_seed(args.seed)

@@ -43,7 +43,7 @@ import torch
 from rlhf import ppo_math as pm
 from rlhf.chat import chat_prompt_ids
 from rlhf.errors import UserError
-from rlhf.models import ModelStack
+from rlhf.model_stack import ModelStack
 from rlhf.reward import RewardScorer
 from rlhf.rules import parse_rule
 from rlhf.sampling import Sample, SamplingParams, generate

@@ -50,7 +50,7 @@ from rlhf.tokens import right_pad
 
 if TYPE_CHECKING:
     from rlhf.jobs import JobContext
-    from rlhf.models import ModelStack
+    from rlhf.model_stack import ModelStack
     from rlhf.store import Store
 
 ADAPTER = "reward"

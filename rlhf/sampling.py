@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from rlhf.chat import chat_prompt_ids
-from rlhf.models import ModelStack
+from rlhf.model_stack import ModelStack
 from rlhf.sampling_params import SamplingParams  # noqa: F401  (re-exported: the definition lives there)
 from rlhf.tokens import left_pad, logprobs_from_logits
 
