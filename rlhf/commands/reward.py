@@ -146,7 +146,7 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_reward(args: argparse.Namespace) -> int:
-    from rlhf.exchange import read_preference_file
+    from rlhf.exchange_import import read_preference_file
     from rlhf.models import load_stack
     from rlhf.reward import evaluate_texts, load_scorer
 
