@@ -94,7 +94,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     from rlhf.models import ModelOptions, load_stack
     from rlhf.ppo import PPOConfig, PPOSession
-    from rlhf.reward import Readout, RewardScorer
+    from rlhf.reward_config import Readout
+    from rlhf.reward_scoring import RewardScorer
 
     torch.manual_seed(args.seed)
     stack = load_stack(ModelOptions(source="embedded", quantize=False, device=args.device))

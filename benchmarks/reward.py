@@ -120,7 +120,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from rlhf.models import LoraSettings, ModelOptions, load_stack, resolve_model_dir
-    from rlhf.reward import RewardConfig, train
+    from rlhf.reward_config import RewardConfig
+    from rlhf.reward_train import train
 
     torch.manual_seed(args.seed)
     stack = load_stack(ModelOptions(source=resolve_model_dir("embedded"), quantize=False, device=args.device,

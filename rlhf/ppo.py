@@ -44,7 +44,7 @@ from rlhf import ppo_math as pm
 from rlhf.chat import chat_prompt_ids
 from rlhf.errors import UserError
 from rlhf.model_stack import ModelStack
-from rlhf.reward import RewardScorer
+from rlhf.reward_scoring import RewardScorer
 from rlhf.rules import parse_rule
 from rlhf.sampling import Sample, SamplingParams, generate
 from rlhf.sampling_params import DEFINITION_KEYS
@@ -142,7 +142,7 @@ class PPOConfig:
 
 
 class Scorer(Protocol):
-    """What PPO needs of a reward: one score per completion. ``rlhf.reward.RewardScorer``
+    """What PPO needs of a reward: one score per completion. ``rlhf.reward_scoring.RewardScorer``
     is one (it also offers ``renormalize``); a rule (``RuleScorer``) is another."""
 
     def score_ids(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
@@ -584,7 +584,7 @@ def load_reward(stack: ModelStack, store: Any, config: dict[str, Any], max_new_t
         tok = stack.tokenizer
         return rule_scorer(spec, tok.eos_token_id, max_new_tokens,
                            decode=lambda ids: tok.decode(ids, skip_special_tokens=True).strip())
-    from rlhf.reward import load_scorer
+    from rlhf.reward_scoring import load_scorer
 
     scorer = load_scorer(stack, store, spec)
     if scorer is None:

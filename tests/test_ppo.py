@@ -438,7 +438,7 @@ def register_reward_model(stack, store, folder, **meta) -> int:
 
 
 def test_without_eos_the_reward_model_still_speaks_when_the_penalty_is_off(store, tiny_stack, tmp_path):
-    from rlhf.reward import load_scorer
+    from rlhf.reward_scoring import load_scorer
 
     register_reward_model(tiny_stack, store, tmp_path / "rm")
     scorer = load_scorer(tiny_stack, store)
