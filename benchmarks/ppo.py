@@ -94,7 +94,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     from rlhf.models import ModelOptions, load_stack
     from rlhf.ppo import PPOConfig, PPOSession
-    from rlhf.reward import Readout, RewardScorer
+    from rlhf.reward_config import Readout
+    from rlhf.reward_scoring import RewardScorer
 
     torch.manual_seed(args.seed)
     stack = load_stack(ModelOptions(source="embedded", quantize=False, device=args.device))
@@ -127,8 +128,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
+    from rlhf.chat import chat_prompt_ids
     from rlhf.models import load_tokenizer, resolve_model_dir
-    from rlhf.sampling import chat_prompt_ids
 
     torch.manual_seed(args.seed)
     model_dir = resolve_model_dir("embedded")

@@ -4,7 +4,7 @@
                                 [--max-length 320] [--device cpu|cuda] [--quick]
 
 Same pairs (the start of ../shared/data/hh-harmless-sample.jsonl, read with
-rlhf.exchange.read_preference_file), same base model (the embedded SmolLM2-135M,
+rlhf.exchange_import.read_preference_file), same base model (the embedded SmolLM2-135M,
 from rlhf.models.resolve_model_dir('embedded')), same LoRA shape (r 16, alpha 32,
 dropout 0, all linear layers, plus a trained scalar head), same token sequences
 (our chat-template prompt + completion + EOS, handed to TRL pre-tokenized), same
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def elements(args: argparse.Namespace, tokenizer: Any) -> list[Any]:
     """The benchmark's pairs as our batch elements (the real import path: a
     temporary store, then rlhf.reward_data.store_elements)."""
-    from rlhf.exchange import read_preference_file
+    from rlhf.exchange_import import read_preference_file
     from rlhf.reward_data import store_elements
     from rlhf.store import Store
 
@@ -120,7 +120,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from rlhf.models import LoraSettings, ModelOptions, load_stack, resolve_model_dir
-    from rlhf.reward import RewardConfig, train
+    from rlhf.reward_config import RewardConfig
+    from rlhf.reward_train import train
 
     torch.manual_seed(args.seed)
     stack = load_stack(ModelOptions(source=resolve_model_dir("embedded"), quantize=False, device=args.device,
@@ -147,7 +148,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf.models import compute_dtype, load_tokenizer, resolve_model_dir
+    from rlhf.model_stack import compute_dtype
+    from rlhf.models import load_tokenizer, resolve_model_dir
     from rlhf.reward_data import split_by_prompt
 
     torch.manual_seed(args.seed)

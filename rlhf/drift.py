@@ -96,36 +96,13 @@ def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     return pieces
 
 
-def teacher_forced_logprobs(stack: Any, role: str, prompt_ids: Sequence[int], rows: Sequence[Sequence[int]],
-                            temperature: float) -> list[list[float]]:
-    """log p(token) of each completion (after the same prompt) under one role."""
-    import torch
-
-    from rlhf.ppo import policy_forward
-    from rlhf.ppo_math import logprobs_from_logits
-    from rlhf.sampling import left_pad
-
-    width = max(len(r) for r in rows)
-    pad = stack.tokenizer.pad_token_id
-    query, query_mask = left_pad([list(prompt_ids)] * len(rows), pad)
-    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, :len(r)] = 1
-    ids = torch.cat([query, tokens], 1).to(stack.device)
-    attention = torch.cat([query_mask, mask], 1).to(stack.device)
-    with torch.no_grad(), stack.role(role):
-        logits, _ = policy_forward(stack, ids, attention, query.shape[1])
-    logp = logprobs_from_logits(logits, tokens.to(stack.device), temperature).cpu()
-    return [logp[i, :len(r)].tolist() for i, r in enumerate(rows)]
-
-
 def answer_pair(stack: Any, prompt: str, params: Any) -> DriftPair:
     """The reference (base) and the version loaded by ``load_drift_version``
     answer ``prompt``; each answer's tokens get their log-ratio. ``params`` is a
     ``rlhf.sampling.SamplingParams``."""
-    from rlhf.sampling import chat_prompt_ids, generate
+    from rlhf.chat import chat_prompt_ids
+    from rlhf.sampling import generate
+    from rlhf.tokens import teacher_forced_logprobs
 
     version = getattr(stack, "drift_version", None)
     if version is None:

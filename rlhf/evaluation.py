@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 
+from rlhf.chat import chat_prompt_ids
 from rlhf.rules import Rule, pairwise_winrate
-from rlhf.sampling import SamplingParams, chat_prompt_ids, sample_k
+from rlhf.sampling import SamplingParams, sample_k
+from rlhf.tokens import teacher_forced_logprobs
 
 CANDIDATE = "judged"          # the adapter the judged version is loaded as ("eval" is taken: nn.Module.eval)
 BASELINE = "judged_against"  # and its opponent, unless that is the base (version 0)
@@ -92,8 +94,6 @@ def evaluate(stack: Any, prompts: Sequence[str], rule: Rule, params: SamplingPar
              examples: int = 3) -> PolicyEval:
     """Sample K answers per prompt from both roles, judge all K x K pairs by the
     rule, and estimate the sequence KL of ``role`` from ``against_role``."""
-    from rlhf.drift import teacher_forced_logprobs
-
     if params.seed is not None:
         torch.manual_seed(params.seed)
     ours = sample_k(stack, prompts, k, params, role=role)

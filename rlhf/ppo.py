@@ -41,14 +41,16 @@ from typing import Any, Protocol
 import torch
 
 from rlhf import ppo_math as pm
+from rlhf.chat import chat_prompt_ids
 from rlhf.errors import UserError
-from rlhf.models import ModelStack
-from rlhf.reward import RewardScorer
+from rlhf.model_stack import ModelStack
+from rlhf.reward_scoring import RewardScorer
 from rlhf.rows import Checkpoint
 from rlhf.rules import parse_rule
-from rlhf.sampling import Sample, SamplingParams, chat_prompt_ids, generate, left_pad
+from rlhf.sampling import Sample, SamplingParams, generate
 from rlhf.sampling_params import DEFINITION_KEYS
 from rlhf.stats import correlation
+from rlhf.tokens import completion_batch, completion_forward
 
 # Metric names shown on the plots (TRL's, so users recognise them).
 METRICS = ("objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward",
@@ -141,7 +143,7 @@ class PPOConfig:
 
 
 class Scorer(Protocol):
-    """What PPO needs of a reward: one score per completion. ``rlhf.reward.RewardScorer``
+    """What PPO needs of a reward: one score per completion. ``rlhf.reward_scoring.RewardScorer``
     is one (it also offers ``renormalize``); a rule (``RuleScorer``) is another."""
 
     def score_ids(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
@@ -206,22 +208,6 @@ class Rollout:
                 for p, s, sc, k in zip(self.prompts, self.samples, self.scores.tolist(), kl)]
 
 
-def position_ids(attention: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's first real token, as ``generate`` counts
-    them for left-padded prompts (TRL's ``forward`` does the same)."""
-    return (attention.cumsum(1) - 1).clamp(min=0)
-
-
-def policy_forward(stack: ModelStack, ids: torch.Tensor, attention: torch.Tensor,
-                   context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, values) at the positions that predict each completion token.
-    Runs under whatever role is active."""
-    out = stack.body(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention),
-                     use_cache=False)
-    hidden = out.last_hidden_state[:, context - 1:-1].float()
-    return stack.logits(hidden), stack.value_head(hidden).squeeze(-1)
-
-
 # Above this fraction of a batch scored by the missing-EOS penalty, the penalty,
 # not the reward model, is what PPO learns from.
 PENALTY_WARNING = 0.5
@@ -247,10 +233,12 @@ class PPOSession:
     """PPO state across iterations: the optimizer, beta, and where the prompts are."""
 
     def __init__(self, stack: ModelStack, scorer: Scorer, prompts: Sequence[str], config: PPOConfig,
-                 *, beta: float | None = None, normalization: dict[str, float] | None = None) -> None:
+                 *, beta: float | None = None, normalization: dict[str, float] | None = None,
+                 on_minibatch: Callable[[dict[str, float]], None] | None = None) -> None:
         """``normalization``: the reward gain and bias a resumed session keeps (the
         NORMALIZATION_KEYS of its last checkpoint); None for a new session, which
-        normalizes on its first batch."""
+        normalizes on its first batch. ``on_minibatch`` sees the statistics of every
+        minibatch (its ratio, losses, clip fraction) before its step is taken."""
         if not prompts:
             raise UserError("no prompts for PPO: add some with `rlhf prompts add FILE`")
         self.stack, self.scorer, self.config = stack, scorer, config
@@ -270,8 +258,7 @@ class PPOSession:
         self._order: list[int] = []
         self.sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p,
                                        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
-        # Hooks for tests: the ratio of every minibatch as it is computed.
-        self.on_minibatch: Callable[[dict[str, float]], None] | None = None
+        self.on_minibatch = on_minibatch
 
     @property
     def beta(self) -> float:
@@ -301,27 +288,21 @@ class PPOSession:
         tok = stack.tokenizer
         prompt_rows = [chat_prompt_ids(tok, p) for p in prompts]
         samples = generate(stack, prompt_rows, self.sampling, role="policy")
-        query, query_mask = left_pad(prompt_rows, tok.pad_token_id)
-        T = max(s.n_tokens for s in samples)
-        tokens = torch.full((len(samples), T), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(samples), T), dtype=torch.float32)
-        for i, s in enumerate(samples):
-            tokens[i, :s.n_tokens] = torch.tensor(s.token_ids)
-            mask[i, :s.n_tokens] = 1
-        ids = torch.cat([query, tokens], 1).to(stack.device)
-        attention = torch.cat([query_mask, mask.long()], 1).to(stack.device)
-        tokens, mask = tokens.to(stack.device), mask.to(stack.device)
-        context = query.shape[1]
+        layout = completion_batch(prompt_rows, [s.token_ids for s in samples], tok.pad_token_id)
+        ids, attention = layout.ids.to(stack.device), layout.attention.to(stack.device)
+        tokens, mask = layout.tokens.to(stack.device), layout.mask.float().to(stack.device)
+        context = layout.context
 
         logprobs, ref_logprobs, values = [], [], []
         for rows in _chunks(len(samples), cfg.forward_batch_size):
             with stack.role("policy"):
-                logits, value = policy_forward(stack, ids[rows], attention[rows], context)
-            logprobs.append(pm.logprobs_from_logits(logits, tokens[rows], cfg.temperature))
-            values.append(value)
+                policy = completion_forward(stack, ids[rows], attention[rows], tokens[rows], context, cfg.temperature)
+            logprobs.append(policy.logprobs)
+            values.append(policy.values)
             with stack.role("reference"):
-                ref_logits, _ = policy_forward(stack, ids[rows], attention[rows], context)
-            ref_logprobs.append(pm.logprobs_from_logits(ref_logits, tokens[rows], cfg.temperature))
+                reference = completion_forward(stack, ids[rows], attention[rows], tokens[rows], context,
+                                               cfg.temperature)
+            ref_logprobs.append(reference.logprobs)
         scores = self.score(prompt_rows, samples).to(stack.device)
         return Rollout(list(prompts), samples, ids, attention, context, tokens, mask, scores,
                        torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask, torch.cat(values) * mask)
@@ -367,8 +348,8 @@ class PPOSession:
                 rows = order[start:start + cfg.mini_batch_size]
                 mask = batch.mask[rows]
                 with stack.role("policy"):
-                    logits, values = policy_forward(stack, batch.ids[rows], batch.attention[rows], batch.context)
-                logprobs = pm.logprobs_from_logits(logits, batch.tokens[rows], cfg.temperature)
+                    logprobs, logits, values = completion_forward(stack, batch.ids[rows], batch.attention[rows],
+                                                                  batch.tokens[rows], batch.context, cfg.temperature)
                 pg_loss, pg = pm.policy_loss(logprobs, batch.logprobs[rows], batch.advantages[rows], mask, cfg.clip)
                 vf_loss, vf_clipfrac = pm.value_loss(values, batch.values[rows], batch.returns[rows], mask,
                                                      cfg.clip_value)
@@ -422,8 +403,8 @@ class PPOSession:
         """The last step is checked by nothing before it: the ratio of its own
         minibatch, recomputed after it (a no-grad forward of a few sequences)."""
         with self.stack.role("policy"):
-            logits, _ = policy_forward(self.stack, batch.ids[rows], batch.attention[rows], batch.context)
-        logprobs = pm.logprobs_from_logits(logits, batch.tokens[rows], self.config.temperature)
+            logprobs = completion_forward(self.stack, batch.ids[rows], batch.attention[rows], batch.tokens[rows],
+                                          batch.context, self.config.temperature).logprobs
         arithmetic, geometric = pm.ratio_means(logprobs, batch.logprobs[rows], batch.mask[rows])
         self._check_ratio(iteration, float(geometric), float(arithmetic))
 
@@ -604,7 +585,7 @@ def load_reward(stack: ModelStack, store: Any, config: dict[str, Any], max_new_t
         tok = stack.tokenizer
         return rule_scorer(spec, tok.eos_token_id, max_new_tokens,
                            decode=lambda ids: tok.decode(ids, skip_special_tokens=True).strip())
-    from rlhf.reward import load_scorer
+    from rlhf.reward_scoring import load_scorer
 
     scorer = load_scorer(stack, store, spec)
     if scorer is None:

@@ -12,14 +12,6 @@ from dataclasses import dataclass
 import torch
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(token) under ``logits / temperature``: the distribution the token was
-    sampled from, so the ratio and the KL are measured where sampling happened
-    ("N implementation details of RLHF", detail on temperature)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-position entropy of the (temperature-scaled) next-token distribution."""
     logits = logits.float() / temperature

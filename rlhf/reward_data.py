@@ -18,10 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from rlhf.chat import chat_prompt_ids
 from rlhf.errors import UserError
-from rlhf.sampling import chat_prompt_ids
 from rlhf.store import Store
 
 SOURCES = ("all", "label", "import")
@@ -76,23 +74,6 @@ def join_prompt(prompt_ids: Sequence[int], completion: Sequence[int], max_length
     and its EOS are kept whole."""
     room = max(0, max_length - len(completion))
     return list(prompt_ids[len(prompt_ids) - room:] if room < len(prompt_ids) else prompt_ids) + list(completion)
-
-
-def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad id lists: (ids, attention_mask, index of each row's last token).
-
-    Right padding keeps every real token at the position it has alone (the model
-    derives positions from the sequence index, not the mask), so a score does not
-    depend on what else is in the batch; the causal mask keeps padding after the
-    EOS from reaching it."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, :len(row)] = 1
-    last = torch.tensor([len(r) - 1 for r in rows], dtype=torch.long)
-    return ids, mask, last
 
 
 def store_elements(store: Store, tokenizer: Any, *, sources: str = "all", max_length: int = 512,

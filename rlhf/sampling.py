@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
-from rlhf.models import ModelStack
+from rlhf.chat import chat_prompt_ids
+from rlhf.model_stack import ModelStack
 from rlhf.sampling_params import SamplingParams  # noqa: F401  (re-exported: the definition lives there)
+from rlhf.tokens import left_pad, logprobs_from_logits
 
 
 @dataclass
@@ -43,32 +45,6 @@ class Sample:
         }
 
 
-def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of a prompt in the model's chat format, ready for the reply. An
-    imported HH-style transcript becomes its real turns, not one long user message."""
-    from rlhf.exchange import prompt_messages
-
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(prompt_messages(prompt),
-                                            add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(prompt)["input_ids"]
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists into (ids, attention_mask)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def generate(stack: ModelStack, prompt_rows: Sequence[Sequence[int]], params: SamplingParams,
              role: str = "policy", should_stop: Callable[[], bool] | None = None) -> list[Sample]:
@@ -93,8 +69,7 @@ def generate(stack: ModelStack, prompt_rows: Sequence[Sequence[int]], params: Sa
         new = out.sequences[:, ids.shape[1]:]
         # Raw logits / temperature: the distribution the token was drawn from
         # before top-p truncation, as PPO recomputes it (DESIGN.md).
-        logits = torch.stack(out.logits, dim=1).float() / params.temperature
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        logp = logprobs_from_logits(torch.stack(out.logits, dim=1), new, params.temperature)
         for row, prompt in enumerate(chunk):
             token_ids = new[row].tolist()
             if eos in token_ids:

@@ -528,7 +528,7 @@ def test_lock_file_sits_beside_the_database(db_path):
 
 
 async def test_a_failing_background_task_is_a_notice_and_the_app_stays_up(store, tmp_path, monkeypatch):
-    import rlhf.exchange
+    import rlhf.exchange_export
     from workbench.screens.dialogs import ExportRequest
 
     app = make_app(store)
@@ -542,7 +542,7 @@ async def test_a_failing_background_task_is_a_notice_and_the_app_stays_up(store,
         await pilot.press("s")
         await wait_for(pilot, lambda: any("no preference pairs to train on" in n for n in notes))
         # A bug in the app's own worker: named on screen, the app keeps running.
-        monkeypatch.setattr(rlhf.exchange, "export_pairs", lambda *a, **kw: 1 / 0)
+        monkeypatch.setattr(rlhf.exchange_export, "export_pairs", lambda *a, **kw: 1 / 0)
         app.run_export(ExportRequest("trl", tmp_path / "x.jsonl", False))
         await wait_for(pilot, lambda: any("export failed: ZeroDivisionError" in n for n in notes))
         assert app.is_running and store.jobs() == []

@@ -32,7 +32,7 @@ from rlhf.jobs import died_message
 from rlhf.locations import checkpoints_dir
 from rlhf.ppo import rollouts_path, write_rollouts
 from rlhf.preferences import record_label
-from rlhf.reward import LabeledPairScore
+from rlhf.reward_eval import LabeledPairScore
 from rlhf.store import PROBE_SOURCE
 from workbench.app import WorkbenchApp
 from workbench.screens.dialogs import ExportDialog, PromptEditor, RuleDialog, VersionPicker

@@ -17,7 +17,8 @@ import time
 import pytest
 
 from rlhf.cli import main
-from rlhf.exchange import export_pairs, import_file
+from rlhf.exchange_export import export_pairs
+from rlhf.exchange_import import import_file
 from rlhf.locking import AppLock
 from rlhf.prompts import read_prompt_file
 from rlhf.store import Store

@@ -7,17 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.chat import prompt_messages
 from rlhf.cli import main
 from rlhf.errors import UserError
-from rlhf.exchange import (
-    METADATA_COLUMNS,
-    PreferencePair,
-    export_pairs,
-    import_file,
-    parse_row,
-    prompt_messages,
-    read_preference_file,
-)
+from rlhf.exchange_export import METADATA_COLUMNS, export_pairs
+from rlhf.exchange_import import PreferencePair, import_file, parse_row, read_preference_file
 from rlhf.preferences import record_label
 from rlhf.store import Store
 

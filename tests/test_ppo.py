@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from rlhf import ppo_math as pm
+from rlhf.chat import chat_prompt_ids
 from rlhf.errors import UserError
 from rlhf.ppo import PPOConfig, PPOSession, prepare_stack, rule_scorer
-from rlhf.sampling import chat_prompt_ids
 
 PROMPTS = ["Say hello.", "What is 2 + 2?", "Write a poem about tea.", "Tell me a joke."]
 
@@ -105,9 +105,8 @@ def small_config(**overrides) -> PPOConfig:
 
 def test_first_rollout_has_zero_kl_and_first_ratio_is_one(tiny_stack):
     scorer = rule_scorer("rule:distinct", tiny_stack.tokenizer.eos_token_id, 6)
-    session = PPOSession(tiny_stack, scorer, PROMPTS, small_config())
     seen = []
-    session.on_minibatch = seen.append
+    session = PPOSession(tiny_stack, scorer, PROMPTS, small_config(), on_minibatch=seen.append)
     metrics, batch = session.iteration(1)
     # A fresh LoRA adapter is the base exactly: pi == pi_ref before any update.
     assert metrics["objective/kl"] == pytest.approx(0.0, abs=1e-5)
@@ -439,7 +438,7 @@ def register_reward_model(stack, store, folder, **meta) -> int:
 
 
 def test_without_eos_the_reward_model_still_speaks_when_the_penalty_is_off(store, tiny_stack, tmp_path):
-    from rlhf.reward import load_scorer
+    from rlhf.reward_scoring import load_scorer
 
     register_reward_model(tiny_stack, store, tmp_path / "rm")
     scorer = load_scorer(tiny_stack, store)

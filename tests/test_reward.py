@@ -16,13 +16,17 @@ import torch
 from conftest import WORDS, synthetic_pairs
 
 from rlhf import jobs
+from rlhf.chat import chat_prompt_ids
 from rlhf.database import now
 from rlhf.errors import UserError
 from rlhf.preferences import record_label
-from rlhf.reward import (RewardConfig, RewardScorer, agreement, bradley_terry_loss, disagreements, element_loss,
-                         load_scorer, plan_steps, raw_rewards, score_labeled_pairs, train)
+from rlhf.reward_config import RewardConfig
 from rlhf.reward_data import Element, split_by_prompt, store_elements
-from rlhf.sampling import SamplingParams, chat_prompt_ids, sample_k
+from rlhf.reward_eval import agreement, disagreements, score_labeled_pairs
+from rlhf.reward_loss import bradley_terry_loss, element_loss
+from rlhf.reward_scoring import RewardScorer, load_scorer, raw_rewards
+from rlhf.reward_train import plan_steps, train
+from rlhf.sampling import SamplingParams, sample_k
 from rlhf.store import Store
 
 # --- the loss -----------------------------------------------------------------------
@@ -53,7 +57,7 @@ def test_best_of_k_softmax_and_ranking_losses():
 def test_all_elements_at_once_lose_what_each_loses_alone():
     """Comparisons computes the losses and margins of many elements in a few tensor
     operations; each element's loss is still element_loss (its definition)."""
-    from rlhf.reward import Comparisons, pair_margins
+    from rlhf.reward_loss import Comparisons, pair_margins
 
     elements = [Element("a", [[1]] * 3, [(1, 0), (1, 2)], kind="best", lengths=[1] * 3),
                 Element("b", [[1]] * 3, [(2, 0), (2, 1), (0, 1)], kind="ranking", lengths=[1] * 3),
@@ -366,7 +370,7 @@ def test_early_stopping_keeps_the_best_held_out_state(store, tiny_stack):
     """Labels the model cannot generalize from (a random taste): the held-out loss
     stops improving, training ends before its last epoch, and the state kept is
     the one with the best held-out loss."""
-    from rlhf.reward import evaluate_elements
+    from rlhf.reward_eval import evaluate_elements
 
     rng = random.Random(1)
     for i in range(30):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.sampling import SamplingParams, chat_prompt_ids, left_pad, sample_k
+from rlhf.chat import chat_prompt_ids
+from rlhf.sampling import SamplingParams, sample_k
+from rlhf.tokens import left_pad
 
 
 def test_pad_token_is_not_eos(tiny_stack):

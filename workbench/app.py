@@ -312,7 +312,7 @@ class WorkbenchApp(App[None]):
 
     def action_export(self) -> None:
         try:
-            from rlhf.exchange import export_pairs  # noqa: F401  (built by the import/export issue)
+            from rlhf.exchange_export import export_pairs  # noqa: F401  (built by the import/export issue)
         except ImportError:
             self.notify("export is not available in this version", severity="warning")
             return
@@ -324,7 +324,7 @@ class WorkbenchApp(App[None]):
 
     @work(thread=True, group="export", exit_on_error=False)
     def run_export(self, request: ExportRequest) -> None:
-        from rlhf.exchange import export_pairs, reimport_warning
+        from rlhf.exchange_export import export_pairs, reimport_warning
 
         n = export_pairs(self.store, request.path, request.fmt, conversational=request.conversational)
         self.call_from_thread(self.notify, f"exported {n} pairs to {request.path} ({request.fmt})")

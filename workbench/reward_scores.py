@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from rlhf.errors import UserError
 
 if TYPE_CHECKING:
-    from rlhf.reward import LabeledPairScore, RewardScorer
+    from rlhf.reward_eval import LabeledPairScore
+    from rlhf.reward_scoring import RewardScorer
     from workbench.app import WorkbenchApp
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class RewardScores:
     def ensure_scorer(self) -> RewardScorer | None:
         """The latest reward version, loaded when it changed. Call with the app's
         model_lock held (loading an adapter changes the shared stack)."""
-        from rlhf.reward import load_scorer
+        from rlhf.reward_scoring import load_scorer
 
         latest = self.app.store.checkpoint("reward")
         if latest is None or self.app.stack is None:
@@ -96,7 +97,7 @@ class RewardScores:
 
     def labeled_scores(self) -> list[LabeledPairScore] | None:
         """Every labeled pair with both scores (None without a reward model). Blocking."""
-        from rlhf.reward import score_labeled_pairs
+        from rlhf.reward_eval import score_labeled_pairs
 
         with self.app.model_lock:
             scorer = self.ensure_scorer()
@@ -119,7 +120,7 @@ class RewardScores:
         self._agreement()
 
     def _agreement(self) -> None:
-        from rlhf.reward import agreement
+        from rlhf.reward_eval import agreement
 
         try:
             scored = self.labeled_scores()

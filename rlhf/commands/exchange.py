@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from rlhf.exchange import export_pairs, format_for, reimport_warning
+    from rlhf.exchange_export import export_pairs, format_for, reimport_warning
 
     fmt = args.fmt or format_for(args.out)
     if fmt is None:
@@ -61,7 +61,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from rlhf.exchange import import_file
+    from rlhf.exchange_import import import_file
 
     with open_db(args) as store:
         report = import_file(store, args.file)

@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def job_config(args: argparse.Namespace) -> dict[str, Any]:
     """The RewardConfig fields given on the command line (the rest keep their defaults)."""
-    from rlhf.reward import RewardConfig
+    from rlhf.reward_config import RewardConfig
 
     given = {"finetune": args.finetune, "readout": args.readout, "layer": args.layer,
              "epochs": args.epochs, "steps": args.steps, "max_epochs": args.max_epochs, "patience": args.patience,
@@ -147,9 +147,10 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_reward(args: argparse.Namespace) -> int:
-    from rlhf.exchange import read_preference_file
+    from rlhf.exchange_import import read_preference_file
     from rlhf.models import load_stack
-    from rlhf.reward import evaluate_texts, load_scorer
+    from rlhf.reward_eval import evaluate_texts
+    from rlhf.reward_scoring import load_scorer
 
     with open_db(args) as store:
         if store.checkpoint("reward", args.version) is None:

@@ -23,7 +23,7 @@ from workbench.screens.base import WorkbenchScreen
 from workbench.widgets.text import one_line
 
 if TYPE_CHECKING:
-    from rlhf.reward import LabeledPairScore
+    from rlhf.reward_eval import LabeledPairScore
 
 SNIPPET = 48
 
@@ -62,7 +62,7 @@ class DisagreementsScreen(WorkbenchScreen):
 
     @work(thread=True, exclusive=True, group="disagreements", exit_on_error=False)
     def _score(self) -> None:
-        from rlhf.reward import disagreements
+        from rlhf.reward_eval import disagreements
 
         scores = getattr(self.app, "reward_scores", None)
         try:

@@ -231,7 +231,8 @@ class TrainScreen(WorkbenchScreen):
     @work(thread=True, exclusive=True, group="train-start", exit_on_error=False)
     def _start(self, config: dict[str, Any]) -> None:
         from rlhf import jobs
-        from rlhf.reward import RewardConfig, check_pairs
+        from rlhf.reward import check_pairs
+        from rlhf.reward_config import RewardConfig
 
         check_pairs(self.wb.store, RewardConfig.from_dict(config).sources)
         job_id = jobs.start_job(self.wb.store, "reward", config)

@@ -1,20 +1,19 @@
-"""Preference pairs in and out of the store, in the formats other tools read.
-
-Export writes TRL's preference format (one row per pair: ``prompt``, ``chosen``,
-``rejected``; standard text or conversational message lists, see TRL's
-"Dataset formats and types" guide) as JSONL, as Parquet, or as a ``datasets``
-dataset saved with ``save_to_disk``. Import reads all of those back, plus TRL's
-implicit-prompt rows and Anthropic HH-RLHF transcripts, detected row by row.
+"""Preference files into the store: TRL's preference format (standard text or
+conversational message lists, as JSONL, Parquet or a ``datasets`` folder saved
+with ``save_to_disk``), TRL's implicit-prompt rows and Anthropic HH-RLHF
+transcripts, detected row by row. A bad row is reported with its place and
+skipped; the good ones go in together, and a pair already there is not added twice.
 
 How a prompt is kept: the store holds a prompt as text. A standard row keeps
 its text; a conversational prompt of one user message keeps that message's
 content; a longer conversation is written as an HH transcript
-(``\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nAssistant:``). HH transcripts are kept
-exactly as they are in the file (everything up to and including the last shared
-``\\n\\nAssistant:``), so a standard export gives back the same text; a
-conversational export turns such a transcript back into messages
-(``prompt_messages``). One asymmetry, by design: a one-turn HH prompt exported as
-messages re-imports as its plain question (one user message), not as a transcript.
+(``\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nAssistant:``, ``rlhf.chat``). HH
+transcripts are kept exactly as they are in the file (everything up to and
+including the last shared ``\\n\\nAssistant:``), so a standard export gives back
+the same text; a conversational export turns such a transcript back into
+messages (``rlhf.chat.prompt_messages``). One asymmetry, by design: a one-turn HH
+prompt exported as messages re-imports as its plain question (one user message),
+not as a transcript.
 """
 
 from __future__ import annotations
@@ -23,25 +22,16 @@ import gzip
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rlhf.chat import ASSISTANT, HUMAN, render_transcript
 from rlhf.errors import UserError
 from rlhf.store import IMPORT_SOURCE_PREFIX, Store
 from rlhf.text_input import decode_text, split_lines, text_problem
 
-FORMATS = ("trl", "parquet", "hf")
-# Extra columns each exported row carries unless metadata=False.
-METADATA_COLUMNS = ("comparison_id", "policy_version", "labeler", "created_at", "source")
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-
-HUMAN = "\n\nHuman:"
-ASSISTANT = "\n\nAssistant:"
-_TURN = re.compile(r"\n\n(Human|Assistant):")
 _ROLES = ("system", "user", "assistant")
 
 
@@ -70,34 +60,7 @@ class ImportReport:
     source: str = ""  # what the pairs are marked with: 'import:<file name>'
 
 
-# --- prompts as messages and back ----------------------------------------------------
-
-
-def render_transcript(messages: list[dict[str, str]]) -> str:
-    """User/assistant messages as an HH transcript that ends ready for the reply."""
-    turns = [f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content']}" for m in messages]
-    return "".join(turns) + ASSISTANT
-
-
-def transcript_messages(text: str) -> list[dict[str, str]] | None:
-    """The messages of an HH transcript prompt, or None when ``text`` is not one.
-
-    Only a transcript that ``render_transcript`` writes back character for
-    character counts, so turning it into messages and back never changes it."""
-    if not (text.startswith(HUMAN) and text.endswith(ASSISTANT)):
-        return None
-    parts = _TURN.split(text)  # ['', 'Human', ' q', 'Assistant', ' a', ..., 'Assistant', '']
-    messages = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
-                for who, said in zip(parts[1::2], parts[2::2])]
-    messages.pop()  # the open assistant turn the reply goes into
-    if not messages or render_transcript(messages) != text:
-        return None
-    return messages
-
-
-def prompt_messages(text: str) -> list[dict[str, str]]:
-    """A stored prompt as chat messages: an HH transcript's turns, else one user message."""
-    return transcript_messages(text) or [{"role": "user", "content": text}]
+# --- conversational rows ------------------------------------------------------------
 
 
 def _messages_prompt(messages: Any) -> tuple[str | None, str | None]:
@@ -331,130 +294,3 @@ def import_file(store: Store, path: str | Path) -> ImportReport:
     source = f"{IMPORT_SOURCE_PREFIX}{path.name}"
     added = store.add_imported_pairs([(p.prompt, p.chosen, p.rejected, p.key) for p in pairs], source)
     return ImportReport(added=added, duplicates=len(pairs) - added, errors=errors, source=source)
-
-
-# --- export --------------------------------------------------------------------------
-
-
-def reimport_warning(out: str | Path) -> str | None:
-    """Read an exported file back as `rlhf import` would: a line saying how many
-    rows it would refuse, and why the first, or None when it takes them all.
-    Labels can pair texts import refuses (an answer over the size limit or with
-    a control character, two answers equal up to whitespace): say so at export,
-    not when the file comes back short."""
-    _, errors = read_preference_file(out)
-    if not errors:
-        return None
-    return (f"{len(errors)} exported pairs would be refused by `rlhf import` "
-            f"(the first: {errors[0].split(': ', 1)[-1]})")
-
-
-def format_for(out: Path) -> str | None:
-    """The export format an output name implies, if any."""
-    suffix = out.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        return "trl"
-    if suffix == ".parquet":
-        return "parquet"
-    if not suffix:
-        return "hf"
-    return None
-
-
-def since_stamp(since: str | date | datetime | None) -> str | None:
-    """A date or time (ISO 8601; naive means UTC) as the store's timestamp form,
-    so that it compares as text with ``created_at``."""
-    if since is None:
-        return None
-    if isinstance(since, str):
-        try:
-            since = datetime.fromisoformat(since.strip())
-        except ValueError as e:
-            raise UserError(f"--since {since!r} is not a date: use YYYY-MM-DD or YYYY-MM-DDTHH:MM") from e
-    if not isinstance(since, datetime):
-        since = datetime(since.year, since.month, since.day)
-    if since.tzinfo is None:
-        since = since.replace(tzinfo=timezone.utc)
-    return since.astimezone(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def pair_rows(pairs: list[dict[str, Any]], *, conversational: bool = False,
-              metadata: bool = True) -> list[dict[str, Any]]:
-    """Store pairs as TRL preference rows (plus metadata columns)."""
-    rows = []
-    for p in pairs:
-        if conversational:
-            row: dict[str, Any] = {
-                "prompt": prompt_messages(p["prompt"]),
-                "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                "rejected": [{"role": "assistant", "content": p["rejected"]}],
-            }
-        else:
-            row = {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
-        if metadata:
-            row.update({k: p[k] for k in METADATA_COLUMNS})
-        rows.append(row)
-    return rows
-
-
-def export_pairs(store: Store, out: str | Path, fmt: str, *, conversational: bool = False,
-                 since: str | date | datetime | None = None, policy_version: int | None = None,
-                 labeler: str | None = None, source: str | None = None, metadata: bool = True) -> int:
-    """Write the selected pairs to ``out`` in ``fmt`` ('trl' JSONL, 'parquet', or
-    'hf' = a ``datasets`` folder). Returns the number of rows written.
-
-    Filters are ANDed: pairs created since a date, whose two completions both
-    come from ``policy_version``, labeled by ``labeler``, from ``source``
-    ('label', 'import', or an exact source such as 'import:file.jsonl')."""
-    if fmt not in FORMATS:
-        raise UserError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
-    out = Path(out)
-    if not out.parent.exists():
-        raise UserError(f"folder {out.parent} does not exist: create it or choose another output path")
-    pairs = store.pairs(since=since_stamp(since), policy_version=policy_version, labeler=labeler, source=source)
-    if not pairs:
-        filters = {"since": since, "policy version": policy_version, "labeler": labeler, "source": source}
-        shown = ", ".join(f"{k} {v}" for k, v in filters.items() if v is not None) or "no filters"
-        raise UserError(f"no pairs match ({shown}) in {store.path}: label some first or loosen the filters")
-    rows = pair_rows(pairs, conversational=conversational, metadata=metadata)
-    {"trl": _write_jsonl, "parquet": _write_parquet, "hf": _write_dataset}[fmt](rows, out)
-    return len(rows)
-
-
-def _write_jsonl(rows: list[dict[str, Any]], out: Path) -> None:
-    _refuse_folder(out)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out)  # a reader never sees half a file
-
-
-def _write_parquet(rows: list[dict[str, Any]], out: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    _refuse_folder(out)
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    tmp.replace(out)
-
-
-def _write_dataset(rows: list[dict[str, Any]], out: Path) -> None:
-    import datasets
-
-    if out.exists() and not (out / "state.json").exists() and (out.is_file() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not a saved dataset: choose a new folder for --format hf")
-    # No tqdm bar on stderr: it would draw over the app's screen.
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        datasets.Dataset.from_list(rows).save_to_disk(str(out))
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
-def _refuse_folder(out: Path) -> None:
-    if out.is_dir():
-        raise UserError(f"{out} is a folder: pass a file name (or use --format hf for a dataset folder)")

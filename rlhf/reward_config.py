@@ -1,0 +1,158 @@
+"""How a reward model is trained and where it reads the base: ``RewardConfig``
+(the settings of a 'reward' job) and ``Readout``.
+
+r_ψ(s, a) is a linear head on the shared base's hidden states a third of the way
+up, averaged over the completion's tokens (EOS appended where the completion
+lacks one), trained on frozen features by default — the same function at
+training and at scoring. lm-human-preferences reads the last layer at EOS under
+a trained adapter; with tens of labels on a 135M model that state carried
+nothing of the taste and the adapter memorized the labels (RewardConfig says
+what was measured), so both are options (``readout='eos'``, ``finetune``), and
+versions saved before keep the read-out they were trained with (``Readout``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from rlhf.errors import UserError
+from rlhf.reward_data import SOURCES
+
+if TYPE_CHECKING:
+    from rlhf.model_stack import ModelStack
+
+BEST_OF_K_LOSSES = ("softmax", "pairwise")
+
+
+# Settings of the two ways to train, where the config leaves them unset:
+# - the head alone on the frozen base's features (the default): full-batch Adam,
+#   one step an epoch, cheap enough for thousands of epochs;
+# - fine-tuning the reward LoRA adapter too (``finetune``): mini-batches through
+#   the model, minutes an epoch on a CPU; TRL's RewardConfig uses 1e-4 for LoRA.
+PHASE_DEFAULTS = {"head": {"lr": 1e-3, "max_epochs": 2000, "patience": 50},
+                  "finetune": {"lr": 1e-4, "max_epochs": 8, "patience": 2}}
+POOLS = ("mean", "eos")
+
+
+@dataclass
+class RewardConfig:
+    """How a reward model is trained. Defaults and where they come from."""
+
+    # -- what the reward reads: a linear head on the base's hidden states after
+    # `layer` decoder layers (None: a third of the depth), averaged over the
+    # completion's tokens, EOS included ('mean'), or the EOS token's alone ('eos',
+    # lm-human-preferences' read-out, with layer = the depth). Measured on the
+    # embedded model with ~50 rule labels (a linear head on frozen features,
+    # pairwise accuracy on 40 held-out prompts): the last layer's EOS state holds
+    # nothing of the taste (0.50); a third of the way up, the mean holds most
+    # (0.90 "more digits", 0.74 "shorter words"; the EOS state there 0.70, 0.69).
+    readout: str = "mean"
+    layer: int | None = None
+    # -- how: the head alone on frozen features (default), or the reward LoRA
+    # adapter too (`finetune`, after the head: hundreds of labels and more; fitted
+    # on ~50 labels it memorized them, 0.58 held-out).
+    finetune: bool = False
+    # Passes over the pairs. None: chosen by the held-out loss, up to max_epochs,
+    # stopping after `patience` evaluations without improvement and keeping the
+    # best state. InstructGPT's "one epoch, more overfits" (sec. 3.5) holds for
+    # ~50k comparisons; with 60 it is eight steps and learns nothing (measured:
+    # held-out 0.58 on 12 pairs, chance). A number trains exactly that many.
+    epochs: int | None = None
+    max_epochs: int | None = None    # None: PHASE_DEFAULTS
+    patience: int | None = None      # None: PHASE_DEFAULTS
+    # Optimizer steps; None = as many as the epochs take. Set it for a fixed budget.
+    steps: int | None = None
+    # Adam, decaying linearly to 0 over the planned steps (lm-human-preferences).
+    lr: float | None = None          # None: PHASE_DEFAULTS
+    # Fine-tuning only: batch elements (comparisons) per forward pass, and passes per
+    # optimizer step (gradient accumulation for small memory).
+    batch_size: int = 4
+    accum: int = 2
+    # 'softmax': a best-of-K pick as one K-way choice, −log softmax(r)[best] (Ziegler
+    # et al. 2019, the lm-human-preferences default); 'pairwise': its K−1 wins as
+    # Bradley–Terry pairs. Softmax is the default: it is the likelihood of the pick
+    # itself, where K−1 pairs count one decision as K−1 independent ones.
+    best_of_k: str = "softmax"
+    # Which pairs train: 'all', 'label' (the researcher's own) or 'import'.
+    sources: str = "all"
+    # Fraction of prompts held out (by prompt-text hash): a fifth, so that a few
+    # dozen comparisons leave enough to stop on. Evaluated at every epoch's end
+    # and every eval_every steps within a long fine-tuning epoch.
+    eval_fraction: float = 0.2
+    eval_every: int = 20
+    # Token budget per sequence (prompt is cut from its start first) and per completion.
+    max_length: int = 512
+    max_completion_tokens: int = 256
+    seed: int = 0
+    # The base model (rlhf.models.ModelOptions): 'embedded', a directory or a .gguf.
+    model: str = "embedded"
+    quantize: bool | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sources not in SOURCES:
+            raise UserError(f"unknown --sources {self.sources!r}: use one of {', '.join(SOURCES)}")
+        if self.best_of_k not in BEST_OF_K_LOSSES:
+            raise UserError(f"unknown best_of_k loss {self.best_of_k!r}: use one of {', '.join(BEST_OF_K_LOSSES)}")
+        if self.readout not in POOLS:
+            raise UserError(f"unknown --readout {self.readout!r}: use one of {', '.join(POOLS)}")
+        for name in ("batch_size", "accum", "eval_every", "max_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("epochs", "max_epochs", "patience", "steps", "layer"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.eval_fraction < 1:
+            raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RewardConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown reward config field(s) {', '.join(unknown)}: "
+                            f"known are {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def early_stopping(self) -> bool:
+        """Neither epochs nor steps fixed: the held-out loss decides."""
+        return self.epochs is None and self.steps is None
+
+    def setting(self, name: str, phase: str) -> Any:
+        """lr, max_epochs or patience of a phase ('head' or 'finetune'): the config's
+        own where set and where the phase is the one it configures (the last: the
+        fine-tuning when there is one), else the phase's default."""
+        mine = getattr(self, name)
+        configured = "finetune" if self.finetune else "head"
+        return mine if mine is not None and phase == configured else PHASE_DEFAULTS[phase][name]
+
+    def readout_for(self, stack: ModelStack) -> Readout:
+        return Readout(layer=min(self.layer or default_layer(stack.depth), stack.depth), pool=self.readout)
+
+
+@dataclass(frozen=True)
+class Readout:
+    """Where the reward head reads the base: after ``layer`` decoder layers, the
+    completion's tokens averaged ('mean') or its EOS token ('eos')."""
+
+    layer: int
+    pool: str = "mean"
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], depth: int) -> Readout:
+        """A saved version's read-out; versions from before it was recorded read
+        the last layer at EOS."""
+        saved = meta.get("readout")
+        return cls(**saved) if saved else cls(layer=depth, pool="eos")
+
+
+def default_layer(depth: int) -> int:
+    """A third of the way up (10 of SmolLM2-135M's 30 layers): see RewardConfig.readout."""
+    return max(1, round(depth / 3))

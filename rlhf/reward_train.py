@@ -1,0 +1,285 @@
+"""Training a reward model: the head on the frozen base's features, then (when
+asked) the reward adapter with it.
+
+A solo researcher has tens to hundreds of comparisons, not InstructGPT's tens of
+thousands, so "one epoch" is a handful of steps that learn nothing. By default
+training runs epochs until the held-out loss stops improving (early stopping,
+the best state kept), and held-out accuracy is reported with its count and a
+95% interval over the held-out comparisons, so that "0.58 on 12 pairs" reads as
+what it is. The held-out split also chooses where to stop, which makes its
+accuracy slightly optimistic; ``rlhf eval-policy`` is the unbiased check of the
+whole loop.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from rlhf.errors import UserError
+from rlhf.reward_config import Readout, RewardConfig
+from rlhf.reward_data import Element, batches, split_by_prompt
+from rlhf.reward_eval import evaluate_elements
+from rlhf.reward_loss import Comparisons, PairEval
+from rlhf.reward_scoring import ADAPTER, batched_features, raw_rewards
+
+if TYPE_CHECKING:
+    from rlhf.model_stack import ModelStack
+
+
+@dataclass
+class TrainResult:
+    steps: int                 # optimizer steps taken
+    eval: PairEval             # held-out figures of the state kept
+    n_train: int
+    n_eval: int
+    epochs: float = 0.0        # passes over the training elements taken (in the last phase)
+    best_step: int = 0         # the step whose state was kept
+    stopped_early: bool = False
+    readout: Readout | None = None
+
+
+# With nothing held out there is nothing to stop on: this many fine-tuning epochs
+# (the head: a tenth of its most).
+EPOCHS_WITHOUT_HELD_OUT = 4
+
+
+def linear_decay(step: int, total: int) -> float:
+    """LR multiplier: 1 at the first step, decaying linearly towards 0 (lm-human-preferences)."""
+    return max(0.0, 1.0 - step / total)
+
+
+def planned_epochs(config: RewardConfig, has_held_out: bool, phase: str = "finetune") -> int:
+    """Epochs to plan for: the fixed number, else the most early stopping may use."""
+    configured = "finetune" if config.finetune else "head"
+    if phase == configured and config.epochs is not None:
+        return config.epochs
+    if phase == configured and config.steps is not None and phase == "head":
+        return config.steps  # the head takes one step an epoch
+    most = config.setting("max_epochs", phase)
+    return most if has_held_out else min(most, EPOCHS_WITHOUT_HELD_OUT if phase == "finetune" else most // 10)
+
+
+def steps_per_epoch(n_train: int, config: RewardConfig) -> int:
+    micro = -(-n_train // config.batch_size)
+    return max(1, -(-micro // config.accum))
+
+
+def plan_steps(train_set: Sequence[Element], config: RewardConfig, rng: random.Random,
+               epochs: int | None = None) -> list[list[list[Element]]]:
+    """Fine-tuning steps, each a list of up to ``accum`` micro-batches: whole epochs,
+    each shuffled and cut into batches (so one epoch shows every element exactly
+    once, and no step spans two epochs); with ``steps`` set, as many epochs as that
+    takes, cut to length."""
+    epochs = epochs or config.epochs or config.setting("max_epochs", "finetune")
+    plan: list[list[list[Element]]] = []
+    done = 0
+    while (len(plan) < config.steps) if config.steps else (done < epochs):
+        order = list(train_set)
+        rng.shuffle(order)
+        micro = batches(order, config.batch_size)
+        plan += [micro[i:i + config.accum] for i in range(0, len(micro), config.accum)]
+        done += 1
+    return plan[:config.steps] if config.steps else plan
+
+
+def trainable_parameters(stack: ModelStack) -> list[torch.nn.Parameter]:
+    """The reward adapter's LoRA weights and the reward head, switched to trainable."""
+    stack.ensure_adapter(ADAPTER)
+    params = stack.adapter_parameters(ADAPTER) + list(stack.reward_head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+class BestState:
+    """Early stopping on the held-out loss: a copy of the parameters at the best
+    evaluation so far, and how many evaluations since it improved."""
+
+    def __init__(self, params: Sequence[torch.Tensor], patience: int) -> None:
+        self.params, self.patience = list(params), patience
+        self.eval: PairEval | None = None
+        self.step = 0
+        self.since_best = 0
+        self._saved: list[torch.Tensor] = []
+
+    def observe(self, step: int, result: PairEval) -> bool:
+        """Record an evaluation; True when training should stop."""
+        if self.eval is None or result.loss < self.eval.loss - 1e-4:
+            self.eval, self.step, self.since_best = result, step, 0
+            self._saved = [p.detach().clone() for p in self.params]
+        else:
+            self.since_best += 1
+        return self.since_best >= self.patience
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, saved in zip(self.params, self._saved):
+            p.copy_(saved)
+
+
+@dataclass
+class Phase:
+    """What one phase of training did."""
+
+    steps: int
+    epochs: float
+    eval: PairEval
+    best_step: int
+    stopped_early: bool
+
+
+def fit_head(stack: ModelStack, train: Comparisons, held_out: Comparisons, readout: Readout,
+             config: RewardConfig, log: Callable[[int, dict[str, float]], None],
+             checkpoint: Callable[[], None]) -> Phase:
+    """The reward head alone on the features of the (frozen) base: the features
+    are computed once, then every epoch is one full-batch Adam step on the head,
+    standardized features in, so thousands of epochs take seconds. Early stopping
+    on the held-out loss stands in for a weight penalty (gradient descent from zero
+    stopped early regularizes like L2). The standardization is folded into the
+    head at the end, so the saved head reads raw features."""
+    x_train = batched_features(stack, train.sequences, train.lengths, readout, config.batch_size * 4)
+    x_held = batched_features(stack, held_out.sequences, held_out.lengths, readout, config.batch_size * 4)
+    mean, std = x_train.mean(0), x_train.std(0).clamp(min=1e-6) if len(x_train) > 1 else torch.ones(x_train.shape[1])
+    z_train, z_held = (x_train - mean) / std, (x_held - mean) / std
+    weight = torch.zeros(x_train.shape[1], requires_grad=True)
+    bias = torch.zeros(1, requires_grad=True)
+    epochs = planned_epochs(config, bool(held_out.elements), "head")
+    optimizer = torch.optim.Adam([weight, bias], lr=config.setting("lr", "head"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_decay(s, epochs))
+    early = config.early_stopping or config.finetune  # a head under a fine-tuning always stops early
+    best = BestState([weight, bias], config.setting("patience", "head")) if early and held_out.elements else None
+    result, stop, epoch = PairEval(float("nan"), float("nan"), 0), False, 0
+    for epoch in range(1, epochs + 1):
+        checkpoint()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.zero_grad(set_to_none=True)
+        rewards = z_train @ weight + bias
+        loss = train.loss(rewards)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            margins = train.margins(rewards.detach())
+            metrics = {"loss": loss.item(), "accuracy": (margins > 0).float().mean().item(),
+                       "margin": margins.mean().item(), "lr": lr, "epoch": float(epoch)}
+            if held_out.elements:
+                result = held_out.evaluate(z_held @ weight + bias)
+                metrics.update({"eval/accuracy": result.accuracy, "eval/margin": result.margin,
+                                "eval/loss": result.loss})
+                stop = best is not None and best.observe(epoch, result)
+        log(epoch, metrics)
+        if stop:
+            break
+    kept = epoch
+    if best is not None and best.eval is not None:
+        best.restore()
+        result, kept = best.eval, best.step
+    with torch.no_grad():
+        head = stack.reward_head
+        w = (weight / std).to(head.weight)
+        head.weight.copy_(w[None])
+        head.bias.copy_((bias - (w.cpu() * mean).sum()).to(head.bias))
+    return Phase(steps=epoch, epochs=float(epoch), eval=result, best_step=kept, stopped_early=stop)
+
+
+def finetune_step(stack: ModelStack, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Sequence[Element]],
+                  readout: Readout, best_of_k: str, checkpoint: Callable[[], None]) -> dict[str, float]:
+    """One optimizer step of the adapter and head over accumulated micro-batches."""
+    optimizer.zero_grad(set_to_none=True)
+    losses, margins = [], []
+    for batch in micro_batches:
+        checkpoint()
+        layout = Comparisons(batch, best_of_k)
+        with stack.role(ADAPTER):
+            rewards = raw_rewards(stack, layout.sequences, layout.lengths, readout)
+        loss = layout.loss(rewards.float().cpu())
+        (loss / len(micro_batches)).backward()  # gradient accumulation: the mean over micro-batches
+        losses.append(loss.item())
+        margins.append(layout.margins(rewards.detach().float().cpu()))
+    optimizer.step()
+    m = torch.cat(margins)
+    return {"loss": sum(losses) / len(losses), "accuracy": (m > 0).float().mean().item(), "margin": m.mean().item()}
+
+
+def finetune(stack: ModelStack, train_set: Sequence[Element], held_out: Sequence[Element], readout: Readout,
+             config: RewardConfig, head: Phase, log: Callable[[int, dict[str, float]], None],
+             checkpoint: Callable[[], None], first_step: int) -> Phase:
+    """The reward LoRA adapter and the head together, from the fitted head, in
+    mini-batches through the model; early stopping counts the head's held-out
+    loss as the one to beat, so fine-tuning that does not help changes nothing."""
+    plan = plan_steps(train_set, config, random.Random(config.seed),
+                      planned_epochs(config, bool(held_out), "finetune"))
+    per_epoch = steps_per_epoch(len(train_set), config)
+    steps = len(plan)
+    params = trainable_parameters(stack)
+    optimizer = torch.optim.Adam(params, lr=config.setting("lr", "finetune"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_decay(s, steps))
+    best = BestState(params, config.setting("patience", "finetune")) if config.early_stopping and held_out else None
+    if best is not None:
+        best.observe(first_step - 1, head.eval)
+    result, stop, taken = head.eval, False, 0
+    try:
+        for step, micro_batches in enumerate(plan, start=1):
+            lr = scheduler.get_last_lr()[0]
+            metrics = {**finetune_step(stack, optimizer, micro_batches, readout, config.best_of_k, checkpoint),
+                       "lr": lr}
+            scheduler.step()
+            taken = step
+            epoch_end = step % per_epoch == 0 or step == steps
+            if held_out and (epoch_end or step % config.eval_every == 0):
+                result = evaluate_elements(stack, held_out, readout, config.batch_size * 4, config.best_of_k)
+                metrics.update({"eval/accuracy": result.accuracy, "eval/margin": result.margin,
+                                "eval/loss": result.loss})
+                stop = best is not None and best.observe(first_step + step - 1, result)
+            if epoch_end:
+                metrics["epoch"] = step / per_epoch
+            log(first_step + step - 1, metrics)
+            if stop:
+                break
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    kept = first_step + taken - 1
+    if best is not None and best.eval is not None:
+        best.restore()
+        result, kept = best.eval, best.step
+    return Phase(steps=taken, epochs=taken / per_epoch, eval=result, best_step=kept, stopped_early=stop)
+
+
+def train(stack: ModelStack, elements: Sequence[Element], config: RewardConfig, *,
+          log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
+          checkpoint: Callable[[], None] = lambda: None,
+          set_total: Callable[[int], None] = lambda n: None) -> TrainResult:
+    """Train the reward model with Bradley–Terry on ``elements``: the head on the
+    frozen base's features, then (``finetune``) the reward adapter with it.
+
+    ``log(step, metrics)`` gets loss, accuracy, margin, lr every step (a head
+    epoch is a step); eval/accuracy, eval/margin, eval/loss at every evaluation;
+    epoch at every epoch's end. Without a fixed number of epochs or steps,
+    training stops once the held-out loss has not improved for ``patience``
+    evaluations, and keeps the best state. ``checkpoint()`` runs between steps
+    (cancel / pause)."""
+    train_set, held_out = split_by_prompt(elements, config.eval_fraction)
+    if not train_set:
+        raise UserError("no preference pairs to train on: label some comparisons or `rlhf import` a file")
+    readout = config.readout_for(stack)
+    torch.manual_seed(config.seed)
+    stack.ensure_adapter(ADAPTER)
+    head_epochs = planned_epochs(config, bool(held_out), "head")
+    tuning_steps = (len(plan_steps(train_set, config, random.Random(config.seed),
+                                   planned_epochs(config, bool(held_out), "finetune")))
+                    if config.finetune else 0)
+    set_total(head_epochs + tuning_steps)
+    head = fit_head(stack, Comparisons(train_set, config.best_of_k), Comparisons(held_out, config.best_of_k),
+                    readout, config, log, checkpoint)
+    last = head
+    if config.finetune:
+        last = finetune(stack, train_set, held_out, readout, config, head, log, checkpoint, head.steps + 1)
+    return TrainResult(steps=head.steps + (last.steps if last is not head else 0), eval=last.eval,
+                       n_train=len(train_set), n_eval=len(held_out), epochs=last.epochs,
+                       best_step=last.best_step, stopped_early=last.stopped_early, readout=readout)
