@@ -84,7 +84,8 @@ def session_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_ppo(args: argparse.Namespace) -> int:
     from rlhf import jobs
-    from rlhf.ppo import PPOConfig, check_can_start, sampling_mismatch, session_settings, start_session
+    from rlhf.ppo import check_can_start, sampling_mismatch, session_settings, start_session
+    from rlhf.ppo_config import PPOConfig
 
     config = session_config(args)
     with open_db(args) as store:
@@ -113,7 +114,7 @@ def cmd_ppo(args: argparse.Namespace) -> int:
 def follow(store: Any, job_id: int, say: Any) -> dict[str, Any]:
     """Print each new iteration's metrics until the job ends; returns its row."""
     from rlhf import jobs
-    from rlhf.ppo import penalty_warning
+    from rlhf.ppo_session import penalty_warning
 
     def on_step(job: dict[str, Any], step: int, row: dict[str, float]) -> None:
         parts = [f"{label} {fmt.format(row[name])}" for name, label, fmt in PROGRESS if name in row]
