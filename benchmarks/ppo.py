@@ -10,7 +10,7 @@ length (sampling at temperature 0.7 over the full distribution, stopping at
 EOS), learning rate, beta 0.05, clip 0.2, value clip 0.2, vf_coef 0.1, gamma 1,
 lambda 0.95. Both in full precision (fp32 on CPU), no gradient checkpointing.
 
-- ours: rlhf.ppo.PPOSession on one ModelStack: the policy is a LoRA adapter
+- ours: rlhf.ppo_session.PPOSession on one ModelStack: the policy is a LoRA adapter
   (r 16, all linear layers), the reference the same base with adapters off, the
   reward model another adapter with a scalar head, the value head a linear layer
   on the policy's hidden state. One base model in memory.
@@ -93,7 +93,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from rlhf.models import ModelOptions, load_stack
-    from rlhf.ppo import PPOConfig, PPOSession
+    from rlhf.ppo_config import PPOConfig
+    from rlhf.ppo_session import PPOSession
     from rlhf.reward_config import Readout
     from rlhf.reward_scoring import RewardScorer
 

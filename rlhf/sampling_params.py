@@ -23,7 +23,7 @@ class SamplingParams:
     TRL); top-p 1.0, the full distribution, which PPO's ratio and KL assume (TRL
     samples PPO rollouts so); 64 new tokens, the budget within which the embedded
     model finishes a third of its answers (measured on the sample prompts), with
-    the missing-EOS penalty off in PPO for that reason (rlhf.ppo.PPOConfig)."""
+    the missing-EOS penalty off in PPO for that reason (rlhf.ppo_config.PPOConfig)."""
 
     temperature: float = 0.7
     top_p: float = 1.0

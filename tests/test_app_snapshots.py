@@ -30,7 +30,7 @@ from textual.widgets import Input, Static, TextArea
 
 from rlhf.jobs import died_message
 from rlhf.locations import checkpoints_dir
-from rlhf.ppo import rollouts_path, write_rollouts
+from rlhf.ppo_rollout import rollouts_path, write_rollouts
 from rlhf.preferences import record_label
 from rlhf.reward_eval import LabeledPairScore
 from rlhf.store import PROBE_SOURCE

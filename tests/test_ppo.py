@@ -11,7 +11,10 @@ import torch
 from rlhf import ppo_math as pm
 from rlhf.chat import chat_prompt_ids
 from rlhf.errors import UserError
-from rlhf.ppo import PPOConfig, PPOSession, prepare_stack, rule_scorer
+from rlhf.ppo import prepare_stack
+from rlhf.ppo_config import PPOConfig
+from rlhf.ppo_rollout import rule_scorer
+from rlhf.ppo_session import PPOSession
 
 PROMPTS = ["Say hello.", "What is 2 + 2?", "Write a poem about tea.", "Tell me a joke."]
 
@@ -191,7 +194,7 @@ def test_job_logs_metrics_and_registers_a_version_per_iteration(store, db_path, 
     assert [s for s, _ in series["objective/kl"]] == [1, 2]
     assert series["objective/kl"][0][1] == pytest.approx(0.0, abs=1e-5)
     from rlhf.locations import checkpoints_dir
-    from rlhf.ppo import read_rollouts
+    from rlhf.ppo_rollout import read_rollouts
 
     rows = read_rollouts(checkpoints_dir(db_path), job.id)
     assert len(rows) == 4 and {"prompt", "completion", "score", "kl"} <= set(rows[0])
@@ -606,7 +609,7 @@ def test_a_bad_last_minibatch_registers_no_version(store, db_path, tiny_dir, mon
 
 
 def test_the_researcher_is_warned_when_the_penalty_drowns_the_labels():
-    from rlhf.ppo import penalty_warning
+    from rlhf.ppo_session import penalty_warning
 
     assert penalty_warning({"val/penalized_fraction": 0.0}) is None
     assert penalty_warning({}) is None

@@ -1,5 +1,5 @@
 """`rlhf export` and `rlhf import`: preference pairs in TRL's format, Parquet,
-or a `datasets` folder, and back (plus HH-RLHF transcripts). See rlhf/exchange.py.
+or a `datasets` folder, and back (plus HH-RLHF transcripts). See rlhf/exchange_import.py and rlhf/exchange_export.py.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ppo", help="run a short KL-regularized PPO session in the background",
                        description="Start (or with --resume, continue) a PPO session as a background job. "
                                    "Each iteration saves the policy as a new version. Defaults: see "
-                                   "rlhf.ppo.PPOConfig.")
+                                   "rlhf.ppo_config.PPOConfig.")
     p.add_argument("--iterations", type=at_least(1), default=None, help="iterations in this session (default 10 "
                                                                   "unless --minutes is given)")
     p.add_argument("--minutes", type=positive, default=None, help="stop after the iteration that passes M minutes")
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", dest="learning_rate", type=positive, default=None, help="learning rate (default 1e-4)")
     p.add_argument("--gae-lambda", dest="lam", type=float, default=None,
                    help="GAE lambda: 1 gives every token the whole score, lower leans on the value head "
-                        "(default: see rlhf.ppo.PPOConfig)")
+                        "(default: see rlhf.ppo_config.PPOConfig)")
     p.add_argument("--reward", default=None,
                    help="reward version (default: the latest), or a rule optimized directly, e.g. rule:short, "
                         "rule:distinct, rule:contains=WORD (see `rlhf label --help`)")
@@ -85,7 +85,8 @@ def session_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_ppo(args: argparse.Namespace) -> int:
     from rlhf import jobs
-    from rlhf.ppo import PPOConfig, check_can_start, sampling_mismatch, session_settings, start_session
+    from rlhf.ppo import check_can_start, sampling_mismatch, session_settings, start_session
+    from rlhf.ppo_config import PPOConfig
 
     config = session_config(args)
     with open_db(args) as store:
@@ -114,7 +115,7 @@ def cmd_ppo(args: argparse.Namespace) -> int:
 def follow(store: Any, job_id: int, say: Any) -> Job:
     """Print each new iteration's metrics until the job ends; returns its row."""
     from rlhf import jobs
-    from rlhf.ppo import penalty_warning
+    from rlhf.ppo_session import penalty_warning
 
     def on_step(job: Job, step: int, row: dict[str, float]) -> None:
         parts = [f"{label} {fmt.format(row[name])}" for name, label, fmt in PROGRESS if name in row]

@@ -114,7 +114,7 @@ class PPOScreen(WorkbenchScreen):
     def _read_store(self) -> None:
         from rlhf import jobs
         from rlhf.locations import checkpoints_dir
-        from rlhf.ppo import read_rollouts
+        from rlhf.ppo_rollout import read_rollouts
 
         store = self.wb.store
         job_id, after = self.job_id, self.last_step
@@ -206,7 +206,7 @@ class PPOScreen(WorkbenchScreen):
         return ("  ·  " + "  ·  ".join(parts)) if parts else ""
 
     def _penalty_warning(self) -> str:
-        from rlhf.ppo import penalty_warning
+        from rlhf.ppo_session import penalty_warning
 
         warning = penalty_warning(self._latest())
         return f"\nWARNING: {warning}" if warning else ""
@@ -272,7 +272,8 @@ class PPOScreen(WorkbenchScreen):
 
     @work(thread=True, exclusive=True, group="ppo-start", exit_on_error=False)
     def _start(self, config: dict[str, Any]) -> None:
-        from rlhf.ppo import PPOConfig, sampling_mismatch, session_settings, start_session
+        from rlhf.ppo import sampling_mismatch, session_settings, start_session
+        from rlhf.ppo_config import PPOConfig
 
         PPOConfig.from_dict(config)
         job_id = start_session(self.wb.store, config)
