@@ -78,10 +78,10 @@ async def test_label_screen_scores_agreement_and_disagreements(store, tiny_stack
         await wait_for(pilot, lambda: screen.query_one(StatusLine).agreement is not None, 20)
         assert "of 6 pairs" in screen.query_one(StatusLine).agreement
         scores = [c.score for c in screen.query(CompletionCard) if c.completion is not None]
-        expected = app.reward_scores.scorer.score_completions(store.prompt(screen.shown_prompt_id).text,
+        expected = app.model_host.scorer.score_completions(store.prompt(screen.shown_prompt_id).text,
                                                               screen.shown)
         assert scores == expected
-        assert app.reward_scores.scorer.gain == 2.0
+        assert app.model_host.scorer.gain == 2.0
 
         await pilot.press("f2")
         await wait_for(pilot, lambda: isinstance(app.screen, TrainScreen))

@@ -15,13 +15,13 @@ Below, the human win-rate of each version over the reference beside the reward
 model's score for it; when the reward rises while the win-rate falls, a red
 line says so: that is over-optimization.
 
-Generation runs in a worker thread under the app's model lock; the store is read
-in workers too.
+The answers come from the model host (workbench/model_host.py), which loads
+the chosen version into its own adapter and answers with a message; the store is
+read in workers.
 """
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from typing import TYPE_CHECKING, Any
@@ -33,9 +33,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Button, Label, Select, Static, Switch
+from textual.worker import Worker
 from textual_plotext import PlotextPlot
 
-from rlhf.errors import UserError
+from workbench.messages import DriftAnswered
 from workbench.screens.base import WorkbenchScreen
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class DriftScreen(WorkbenchScreen):
         self.warnings: list[str] = []
         self.rng = random.Random()
         self.busy = False
+        self._answering: Worker[None] | None = None
         self.shown_at = 0.0  # when the blind pair appeared: labels record the seconds taken
         self.params: Any = None  # SamplingParams; tests make them tiny
 
@@ -182,7 +184,7 @@ class DriftScreen(WorkbenchScreen):
             text = "answering… " + text
         self.query_one("#drift-status", Static).update(text)
 
-    # -- answers (generated in a worker under the model lock)
+    # -- answers (asked of the model host)
 
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "drift-version" and isinstance(event.value, int):
@@ -209,42 +211,28 @@ class DriftScreen(WorkbenchScreen):
         if self.version is None:
             self.notify("no trained policy version to compare: run PPO first", severity="warning")
             return
-        if getattr(self.wb, "stack", None) is None:
+        if self.wb.model_host.stack is None:
             self.notify("the model is still loading", severity="warning")
             return
+        from rlhf.sampling import SamplingParams
+
         self.probe_index = (self.probe_index + 1) % len(self.probes)
         self.busy = True
         self._status()
-        self._answer(self.version, self.probes[self.probe_index], self.blind)
-
-    @work(thread=True, exclusive=True, group="drift-answer", exit_on_error=False)
-    def _answer(self, version: int, prompt: str, blind: bool) -> None:
-        from rlhf.drift import answer_pair, load_drift_version, store_blind_pair
-        from rlhf.sampling import SamplingParams
-
-        stack = self.wb.stack
         params = self.params or SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=48)
-        try:
-            with self.wb.model_lock:
-                if getattr(stack, "drift_version", None) != version:
-                    load_drift_version(stack, self.wb.store, version)
-                pair = answer_pair(stack, prompt, params)
-            blind_pair = store_blind_pair(self.wb.store, pair, params, self.rng) if blind else None
-        except UserError as e:
-            self.app.call_from_thread(self._answered, None, None, str(e))
-            return
-        except Exception as e:  # a bug: show it, keep the app up
-            logging.getLogger(__name__).exception("drift answers failed")
-            self.app.call_from_thread(self._answered, None, None, f"{type(e).__name__}: {e}")
-            return
-        self.app.call_from_thread(self._answered, pair, blind_pair, None)
+        self._answering = self.wb.model_host.drift_pair(self, self.version, self.probes[self.probe_index], params,
+                                                        blind_rng=self.rng if self.blind else None)
 
-    def _answered(self, pair: DriftPair | None, blind_pair: BlindPair | None, error: str | None) -> None:
+    def on_drift_answered(self, message: DriftAnswered) -> None:
+        self.pair, self.blind_pair = message.pair, message.blind
+        self._answered()
+
+    def worker_failed(self, worker: Worker[Any]) -> None:
+        if worker is self._answering:  # the failure is reported; the screen takes keys again
+            self._answered()
+
+    def _answered(self) -> None:
         self.busy = False
-        if error is not None:
-            self.notify(error, severity="error", timeout=8)
-        else:
-            self.pair, self.blind_pair = pair, blind_pair
         self._show()
         self._status()
 
@@ -286,7 +274,7 @@ class DriftScreen(WorkbenchScreen):
     def _record(self, blind: BlindPair, winner: int | None, seconds: float) -> None:
         from rlhf.drift import label_blind_pair
 
-        label_blind_pair(self.wb.store, blind, winner, labeler=getattr(self.wb, "labeler", None), seconds=seconds)
+        label_blind_pair(self.wb.store, blind, winner, labeler=self.wb.labeler, seconds=seconds)
         self.app.call_from_thread(self.notify, "recorded" + (" a tie" if winner is None else ""))
         self.app.call_from_thread(self.refresh_table)
         self.app.call_from_thread(self.action_next_probe)

@@ -5,8 +5,9 @@ answer and the choice (shown positions, best first), the labeler, and the
 seconds from when the completions appeared to the key press. Pairs follow from
 rlhf.preferences: a pick gives K-1, a full ranking C(K,2), the rest none.
 
-Sampling runs in worker threads (the app serializes model use); while the
-researcher reads one prompt the next one is sampled, so labeling rarely waits.
+Sampling and scoring are asked of the model host (workbench/model_host.py),
+which answers this screen with messages; while the researcher reads one prompt
+the next one is sampled, so labeling rarely waits.
 """
 
 from __future__ import annotations
@@ -20,20 +21,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, Horizontal, Vertical
 from textual.widgets import Static
-from textual.worker import WorkerCancelled
 
 from rlhf.errors import UserError
 from rlhf.preferences import record_label, undo_last_label
 from rlhf.rows import Completion
 from workbench.deck import Deck
-from workbench.messages import (
-    CompletionsSampled,
-    CompletionsShown,
-    LabelRecorded,
-    LabelUndone,
-    SamplingFailed,
-    SamplingSkipped,
-)
+from workbench.messages import CompletionsSampled, SamplingFailed, SamplingSkipped, ScoresReady
 from workbench.screens.base import WorkbenchScreen
 from workbench.screens.dialogs import PromptEditor, RuleDialog
 from workbench.widgets.activity import Activity
@@ -105,6 +98,7 @@ class LabelScreen(WorkbenchScreen):
         self.watch(self.app, "model_state", self._model_state_changed, init=False)
         self.watch(self.app, "model_status", self._model_status_changed, init=False)
         self.watch(self.app, "policy_version", self._policy_changed, init=False)
+        self.watch(self.app, "agreement", self.set_agreement)
         self._show_model_state(self.wb.model_state)
         self.show_current()
 
@@ -121,6 +115,7 @@ class LabelScreen(WorkbenchScreen):
         self._show_model_state(state)
         if state == "ready":
             if self.shown:  # stored completions went up before the model was there
+                self.wb.model_host.score(self, self.shown_prompt_id, self.shown)
                 self._prefetch()
                 self._status()
             else:
@@ -197,7 +192,7 @@ class LabelScreen(WorkbenchScreen):
             self.query_one("#sample-activity", Activity).stop()
             self._shown_at = time.monotonic()
             assert pid is not None
-            self.post_message(CompletionsShown(pid, self.shown))
+            self.wb.model_host.score(self, pid, self.shown)
 
     def _need_samples(self, pid: int) -> None:
         note = self.query_one("#completions-note", Static)
@@ -217,23 +212,8 @@ class LabelScreen(WorkbenchScreen):
             return
         assert self.deck is not None
         self._sampling.add(pid)
-        self._sample(pid, self.deck.prompt(pid).text)
+        self.wb.model_host.sample(self, pid, self.deck.prompt(pid).text, still_wanted=lambda: pid in self._wanted)
         self._status()
-
-    @work(thread=True, group="sample", exit_on_error=False)
-    def _sample(self, pid: int, text: str) -> None:
-        started = time.monotonic()
-        try:
-            ids = self.wb.sample_completions(pid, text, still_wanted=lambda: pid in self._wanted)
-        except WorkerCancelled:  # the app is closing
-            return
-        except Exception as e:  # shown on screen; the app stays up
-            self.post_message(SamplingFailed(pid, f"{type(e).__name__}: {e}"))
-            return
-        if ids is None:
-            self.post_message(SamplingSkipped(pid))
-        else:
-            self.post_message(CompletionsSampled(pid, text, ids, time.monotonic() - started))
 
     def on_completions_sampled(self, message: CompletionsSampled) -> None:
         assert self.deck is not None
@@ -308,7 +288,11 @@ class LabelScreen(WorkbenchScreen):
         self.query_one(PromptList).fill([(p.id, p.text, self.deck.is_labeled(p.id)) for p in prompts],
                                         self.deck.current_id)
 
-    # -- what the reward model says about the shown completions (rlhf.reward, via RewardScores)
+    # -- what the reward model says about the shown completions (rlhf.reward, via the model host)
+
+    def on_scores_ready(self, message: ScoresReady) -> None:
+        if [c.id for c in self.shown] == message.ids:  # still on screen
+            self.show_scores(message.scores)
 
     def show_scores(self, scores: list[float] | None) -> None:
         """Reward-model scores of the shown completions, in display order (None clears)."""
@@ -384,12 +368,12 @@ class LabelScreen(WorkbenchScreen):
         pid = self.shown_prompt_id
         seconds = round(time.monotonic() - self._shown_at, 2)
         try:
-            cid = record_label(self.wb.store, pid, [c.id for c in self.shown], kind, choice,
-                               labeler=self.wb.labeler, seconds=seconds)
+            record_label(self.wb.store, pid, [c.id for c in self.shown], kind, choice,
+                         labeler=self.wb.labeler, seconds=seconds)
         except UserError as e:
             self.notify(str(e), severity="error")
             return
-        self.post_message(LabelRecorded(cid, kind))
+        self.wb.model_host.measure_agreement(self)
         self.deck.mark_labeled(pid)
         self._list_mark(pid)
         nxt = self.deck.next_unlabeled()
@@ -424,7 +408,7 @@ class LabelScreen(WorkbenchScreen):
             return
         parts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
         self.notify(f"labeled {sum(kinds.values())} comparisons as rule:{spec} ({parts})", timeout=5)
-        self.post_message(LabelRecorded(None, "rule"))
+        self.wb.model_host.measure_agreement(self)
         self.deck.reload()
         self._fill_list()
         nxt = self.deck.next_unlabeled()
@@ -442,7 +426,6 @@ class LabelScreen(WorkbenchScreen):
         if last is None:
             self.notify("nothing to undo", severity="warning", timeout=2)
             return
-        self.post_message(LabelUndone(last.id))
         pid = last.prompt_id
         self.deck.reload()
         # Back to the undone prompt, showing exactly what was shown then.

@@ -250,12 +250,7 @@ class PPOScreen(WorkbenchScreen):
                                   "adaptive_kl": self.query_one("#ppo-adaptive", Checkbox).value,
                                   "reward": self.query_one("#ppo-reward", Select).value or None,
                                   "resume": resume}
-        options, stack = getattr(self.wb, "model_options", None), getattr(self.wb, "stack", None)
-        if options is not None:
-            config.update(model=options.source, quantize=options.quantize, device=options.device)
-        elif stack is not None:
-            config.update(model=stack.model_dir, quantize=stack.quantized, device=stack.device.type)
-        return {**config, **self.job_defaults}
+        return {**config, **self.wb.model_host.base_model(), **self.job_defaults}
 
     def action_start(self) -> None:
         self._begin(resume=False)

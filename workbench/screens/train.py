@@ -139,9 +139,7 @@ class TrainScreen(WorkbenchScreen):
     def _finished(self, job: Job, checkpoint: Checkpoint | None) -> None:
         if job.status == "done":
             self.notify(f"reward model v{checkpoint.version if checkpoint else '?'} is ready")
-            scores = getattr(self.app, "reward_scores", None)
-            if scores is not None:
-                scores.refresh_agreement()
+            self.wb.model_host.measure_agreement(self)  # the figure the labeling screen shows
         elif job.status == "failed":
             self.notify(f"training failed: {job.error}", severity="error", timeout=10)
         else:
@@ -215,12 +213,7 @@ class TrainScreen(WorkbenchScreen):
         epochs = self.query_one("#train-epochs", Select).value
         config: dict[str, Any] = {"sources": self.query_one("#train-sources", Select).value,
                                   "epochs": None if epochs == AUTO else epochs}
-        options, stack = getattr(self.wb, "model_options", None), getattr(self.wb, "stack", None)
-        if options is not None:
-            config.update(model=options.source, quantize=options.quantize, device=options.device)
-        elif stack is not None:
-            config.update(model=stack.model_dir, quantize=stack.quantized, device=stack.device.type)
-        return {**config, **self.job_defaults}
+        return {**config, **self.wb.model_host.base_model(), **self.job_defaults}
 
     def action_start(self) -> None:
         if self.job is not None and self.job.active:
