@@ -143,12 +143,12 @@ async def test_drift_screen_side_by_side_blind_labels_and_warning(store, tiny_st
     for shown, kind, choice in [([1, 0], "best", [0])] * 3 + [([0, 2], "best", [0])] * 3:
         _drift_label(store, shown, kind, choice)  # humans: v1 wins 3/3, v2 loses 3/3
 
-    app = make_app(store, stack=tiny_stack, sampler=FakeSampler())
+    app = make_app(store, stack=tiny_stack, sampler=FakeSampler(),
+                   drift_params=SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=5))
     async with app.run_test(size=(150, 50)) as pilot:
         await pilot.press("f4")
         await wait_for(pilot, lambda: isinstance(app.screen, DriftScreen))
         screen: DriftScreen = app.screen
-        screen.params = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=5)
         await wait_for(pilot, lambda: screen.versions == [1, 2, 3], 10)
         warning = str(screen.query_one("#drift-warning").render())
         assert "over-optimization" in warning and "(v1)" in warning and "(v2)" in warning

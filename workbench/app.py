@@ -13,6 +13,8 @@ from __future__ import annotations
 import getpass
 import logging
 import random
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from textual.worker import Worker, WorkerState
 
 from rlhf.errors import UserError
 from rlhf.prompts import load_sample_prompts
+from rlhf.sampling_params import SamplingParams
 from rlhf.store import Store
 from workbench.commands import WorkbenchCommands
 from workbench.messages import AgreementMeasured, ModelFailed, ModelLoaded, ModelStatus, PolicySwitched
@@ -50,14 +53,8 @@ class WorkbenchApp(App[None]):
     CSS_PATH = "app.tcss"
     COMMANDS = App.COMMANDS | {WorkbenchCommands}
 
-    # One mode per full screen. A later screen registers itself here and adds
-    # its key below, e.g. "train": TrainScreen with Binding("f2", "switch_mode('train')", "Train").
-    MODES = {
-        "label": LabelScreen,
-        "train": TrainScreen,
-        "ppo": PPOScreen,
-        "drift": DriftScreen,
-    }
+    # One mode per full screen (added in __init__, where the screens get this
+    # app's options), each with its key below.
     DEFAULT_MODE = "label"
 
     BINDINGS = [
@@ -79,12 +76,22 @@ class WorkbenchApp(App[None]):
 
     def __init__(self, store: Store, *, k: int = 4, labeler: str | None = None,
                  model: Any | None = None, stack: Any | None = None, sampler: Sampler | None = None,
-                 sampling_params: Any | None = None, policy_version: int | None = None,
-                 rng: random.Random | None = None, load_samples: bool = True) -> None:
+                 sampling_params: SamplingParams | None = None, policy_version: int | None = None,
+                 rng: random.Random | None = None, load_samples: bool = True,
+                 job_defaults: Mapping[str, Mapping[str, Any]] | None = None,
+                 drift_params: SamplingParams | None = None) -> None:
         """``model`` (rlhf.models.ModelOptions) is loaded in a worker; a ready
         ``stack`` or a ``sampler`` (tests: a fake) skips loading.
-        ``policy_version`` None means the latest trained policy, else the base."""
+        ``policy_version`` None means the latest trained policy, else the base.
+        ``job_defaults`` (per job kind, 'reward' and 'ppo') go over the config of
+        the jobs the screens start, ``drift_params`` answer the drift probes
+        (tests make both tiny)."""
         super().__init__()
+        job_defaults = job_defaults or {}
+        self.add_mode("label", LabelScreen)
+        self.add_mode("train", partial(TrainScreen, job_defaults=job_defaults.get("reward")))
+        self.add_mode("ppo", partial(PPOScreen, job_defaults=job_defaults.get("ppo")))
+        self.add_mode("drift", partial(DriftScreen, params=drift_params))
         if not 2 <= k <= 6:
             raise UserError(f"--k {k} is out of range: show 2 to 6 completions per prompt")
         self.store = store

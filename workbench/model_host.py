@@ -30,6 +30,7 @@ from textual.worker import NoActiveWorker, Worker, WorkerCancelled, get_current_
 
 from rlhf.errors import UserError
 from rlhf.rows import Completion
+from rlhf.sampling_params import SamplingParams
 from rlhf.store import Store
 from workbench.messages import (
     AgreementMeasured,
@@ -48,7 +49,6 @@ from workbench.messages import (
 if TYPE_CHECKING:
     from rlhf.models import ModelOptions
     from rlhf.reward import LabeledPairScore, RewardScorer
-    from rlhf.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +241,6 @@ class ModelHost:
             if still_wanted is not None and not still_wanted():
                 return None
             if self.sampling_params is None:
-                from rlhf.sampling import SamplingParams
-
                 self.sampling_params = SamplingParams()
             version = self.policy_version
             samples = self.sampler([text], self.k)[0]

@@ -36,12 +36,15 @@ from textual.widgets import Button, Label, Select, Static, Switch
 from textual.worker import Worker
 from textual_plotext import PlotextPlot
 
+from rlhf.sampling_params import SamplingParams
 from workbench.messages import DriftAnswered
 from workbench.screens.base import WorkbenchScreen
 
 if TYPE_CHECKING:
     from rlhf.drift import BlindPair, DriftAnswer, DriftPair, VersionDrift
 
+# How the probes are answered: short, and sampled as the policy samples.
+DEFAULT_PARAMS = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=48)
 # |log-ratio| at which the shading is full.
 FULL_SHADE = 2.0
 LEGEND = "shading: log π − log π_ref per token; green = the policy likes it more than the reference, red = less"
@@ -74,8 +77,10 @@ class DriftScreen(WorkbenchScreen):
         Binding("t", "blind_pick(-1)", "Tie", tooltip="Blind: a tie (counts half a win)"),
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, params: SamplingParams | None = None) -> None:
+        """``params``: how the probes are answered (tests make them tiny)."""
         super().__init__()
+        self.params = params or DEFAULT_PARAMS
         self.version: int | None = None
         self.versions: list[int] = []
         self.blind = False
@@ -89,7 +94,6 @@ class DriftScreen(WorkbenchScreen):
         self.busy = False
         self._answering: Worker[None] | None = None
         self.shown_at = 0.0  # when the blind pair appeared: labels record the seconds taken
-        self.params: Any = None  # SamplingParams; tests make them tiny
 
     def compose_body(self) -> ComposeResult:
         yield Static("", id="drift-status", markup=False)
@@ -214,13 +218,10 @@ class DriftScreen(WorkbenchScreen):
         if self.wb.model_host.stack is None:
             self.notify("the model is still loading", severity="warning")
             return
-        from rlhf.sampling import SamplingParams
-
         self.probe_index = (self.probe_index + 1) % len(self.probes)
         self.busy = True
         self._status()
-        params = self.params or SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=48)
-        self._answering = self.wb.model_host.drift_pair(self, self.version, self.probes[self.probe_index], params,
+        self._answering = self.wb.model_host.drift_pair(self, self.version, self.probes[self.probe_index], self.params,
                                                         blind_rng=self.rng if self.blind else None)
 
     def on_drift_answered(self, message: DriftAnswered) -> None:

@@ -12,6 +12,7 @@ Nothing here waits on training, so labeling can go on in another mode.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 from textual import work
@@ -47,14 +48,15 @@ class JobScreen(WorkbenchScreen, Generic[Snap]):
     BUSY: ClassVar[str]                    # said when a job is asked for while one runs: "{job}" is it
     REQUESTED: ClassVar[dict[str, str]]    # said once a request reached a job, per action: "{id}" is its id
 
-    def __init__(self) -> None:
+    def __init__(self, job_defaults: Mapping[str, Any] | None = None) -> None:
+        """``job_defaults``: config over what the screen chooses, read each time
+        a job starts (tests make the jobs tiny)."""
         super().__init__()
+        self.job_defaults: Mapping[str, Any] = job_defaults if job_defaults is not None else {}
         self.job_id: int | None = None      # the job the plots show
         self.job: Job | None = None
         self.last_step = self.FIRST_STEP    # metrics read up to this step
         self.series: Series = {}
-        # Extra job config for jobs started here (tests make them tiny).
-        self.job_defaults: dict[str, Any] = {}
 
     def on_mount(self) -> None:
         self.draw()

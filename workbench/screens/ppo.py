@@ -9,6 +9,7 @@ after each iteration.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,8 +65,8 @@ class PPOScreen(JobScreen[Snapshot]):
     REQUESTED = {action: f"{doing} PPO job {{id}} (between iterations)"
                  for action, doing in (("pause", "pausing"), ("resume", "resuming"), ("cancel", "stopping"))}
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, job_defaults: Mapping[str, Any] | None = None) -> None:
+        super().__init__(job_defaults)
         self.rollouts: list[dict[str, Any]] = []
         self.last_version: int | None = None
 
