@@ -160,6 +160,8 @@ class ModelHost:
     def _load(self, requester: DOMNode) -> None:
         quiet_libraries()
         started = time.monotonic()
+        # A failed load is the app's state ('failed': shown where the completions
+        # would be, with what to fix), not a passing notice; the app stays up without a model.
         try:
             requester.post_message(ModelStatus("importing torch and transformers"))
             from rlhf.models import load_stack
@@ -168,7 +170,7 @@ class ModelHost:
         except UserError as e:
             requester.post_message(ModelFailed(str(e)))
             return
-        except Exception as e:  # a bug, or a model transformers cannot read: the app stays up without a model
+        except Exception as e:  # a bug, or a model transformers cannot read
             log.exception("model loading failed")
             requester.post_message(ModelFailed(f"could not load the model: {type(e).__name__}: {e}"))
             return

@@ -93,6 +93,7 @@ class DriftScreen(WorkbenchScreen):
         self.rng = random.Random()
         self.busy = False
         self._answering: Worker[None] | None = None
+        self._recording: tuple[Worker[None], BlindPair] | None = None  # a blind label on its way to the store
         self.shown_at = 0.0  # when the blind pair appeared: labels record the seconds taken
 
     def compose_body(self) -> ComposeResult:
@@ -229,8 +230,11 @@ class DriftScreen(WorkbenchScreen):
         self._answered()
 
     def worker_failed(self, worker: Worker[Any]) -> None:
-        if worker is self._answering:  # the failure is reported; the screen takes keys again
+        # The failure is reported; the screen takes keys again.
+        if worker is self._answering:
             self._answered()
+        elif self._recording is not None and worker is self._recording[0]:
+            self.blind_pair = self._recording[1]  # not recorded: the same pair can be labeled again
 
     def _answered(self) -> None:
         self.busy = False
@@ -268,8 +272,9 @@ class DriftScreen(WorkbenchScreen):
         if not self.blind or self.blind_pair is None:
             self.notify("blind labeling is off: b turns it on, n answers a probe", severity="warning")
             return
-        blind, self.blind_pair = self.blind_pair, None
-        self._record(blind, None if position < 0 else position, time.monotonic() - self.shown_at)
+        blind, self.blind_pair = self.blind_pair, None  # one label per pair, however fast the keys
+        worker = self._record(blind, None if position < 0 else position, time.monotonic() - self.shown_at)
+        self._recording = (worker, blind)
 
     @work(thread=True, group="drift-label", exit_on_error=False)
     def _record(self, blind: BlindPair, winner: int | None, seconds: float) -> None:
