@@ -53,8 +53,7 @@ class WorkbenchApp(App[None]):
     CSS_PATH = "app.tcss"
     COMMANDS = App.COMMANDS | {WorkbenchCommands}
 
-    # One mode per full screen (added in __init__, where the screens get this
-    # app's options), each with its key below.
+    # One mode per full screen (added by _add_modes), each with its key below.
     DEFAULT_MODE = "label"
 
     BINDINGS = [
@@ -87,11 +86,6 @@ class WorkbenchApp(App[None]):
         the jobs the screens start, ``drift_params`` answer the drift probes
         (tests make both tiny)."""
         super().__init__()
-        job_defaults = job_defaults or {}
-        self.add_mode("label", LabelScreen)
-        self.add_mode("train", partial(TrainScreen, job_defaults=job_defaults.get("reward")))
-        self.add_mode("ppo", partial(PPOScreen, job_defaults=job_defaults.get("ppo")))
-        self.add_mode("drift", partial(DriftScreen, params=drift_params))
         if not 2 <= k <= 6:
             raise UserError(f"--k {k} is out of range: show 2 to 6 completions per prompt")
         self.store = store
@@ -101,6 +95,7 @@ class WorkbenchApp(App[None]):
         self.model_host = ModelHost(store, k, notify=self.notify, options=model, stack=stack, sampler=sampler,
                                     sampling_params=sampling_params, policy_version=policy_version)
         self.sub_title = str(store.path)
+        self._add_modes(job_defaults or {}, drift_params)
         self._samples_added = load_sample_prompts(self.store) if load_samples else 0
         self.set_reactive(WorkbenchApp.policy_version, self.model_host.policy_version)
         if self.model_host.ready:
@@ -108,6 +103,15 @@ class WorkbenchApp(App[None]):
         elif model is not None:
             self.set_reactive(WorkbenchApp.model_state, "loading")
             self.set_reactive(WorkbenchApp.model_status, "starting")
+
+    def _add_modes(self, job_defaults: Mapping[str, Mapping[str, Any]],
+                   drift_params: SamplingParams | None) -> None:
+        """One mode per full screen, made with this app's options for it. A new
+        screen goes here, and its key into BINDINGS."""
+        self.add_mode("label", LabelScreen)
+        self.add_mode("train", partial(TrainScreen, job_defaults=job_defaults.get("reward")))
+        self.add_mode("ppo", partial(PPOScreen, job_defaults=job_defaults.get("ppo")))
+        self.add_mode("drift", partial(DriftScreen, params=drift_params))
 
     # -- start-up
 

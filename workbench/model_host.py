@@ -88,8 +88,8 @@ def _in_thread(requester: DOMNode, work: Callable[[], None], group: str, exclusi
 
 
 class ModelHost:
-    """Public methods are called on the event loop and start workers; the
-    underscore methods run in those workers."""
+    """Public methods are called on the event loop and return at once; the work
+    runs in a thread worker of the requester, and the answer comes as a message."""
 
     def __init__(self, store: Store, k: int, *, notify: Notify, options: ModelOptions | None = None,
                  stack: Any | None = None, sampler: Sampler | None = None,
