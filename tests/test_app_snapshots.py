@@ -35,6 +35,7 @@ from rlhf.preferences import record_label
 from rlhf.reward_eval import LabeledPairScore
 from rlhf.store import PROBE_SOURCE
 from workbench.app import WorkbenchApp
+from workbench.messages import LabeledPairsScored
 from workbench.screens.dialogs import ExportDialog, PromptEditor, RuleDialog, VersionPicker
 from workbench.screens.disagreements import DisagreementsScreen
 from workbench.screens.drift import DriftScreen
@@ -252,25 +253,6 @@ class TestTrainScreen:
         assert snap_compare(_app(store), terminal_size=WIDE, run_before=run_before)
 
 
-class FakeRewardScores:
-    """Stands in for the app's RewardScores: labeled pairs already scored, no model."""
-
-    version = 1
-    agreement_text = None
-
-    def __init__(self, scored: list[LabeledPairScore]) -> None:
-        self.scored = scored
-
-    def labeled_scores(self) -> list[LabeledPairScore]:
-        return self.scored
-
-    def score_shown(self, prompt_id, completions) -> None:
-        pass
-
-    def refresh_agreement(self) -> None:
-        pass
-
-
 SCORED = [
     LabeledPairScore(1, 1, "Explain photosynthesis to a child.", "Plants eat sunlight to make sugar.",
                      "Photosynthesis is the process by which chlorophyll-containing organisms convert light.",
@@ -301,8 +283,10 @@ class TestDisagreements:
         synthetic_pairs(store, 40)
         _finished_reward_job(store, tmp_path)
         app = _app(store)
-        app.stack = SimpleNamespace(policy_version=0)  # "a model is loaded": only its presence is read
-        app.reward_scores = FakeRewardScores(SCORED)  # type: ignore[assignment]
+        host = app.model_host
+        host.stack = SimpleNamespace(policy_version=0)  # "a model is loaded": only its presence is read
+        # Labeled pairs already scored (reward v1), no model: the answer the host would post.
+        host.score_labeled = lambda requester: requester.post_message(LabeledPairsScored(SCORED, 1))
 
         async def run_before(pilot: Pilot) -> None:
             await _train_screen(pilot, "reward v1 (job 1)")

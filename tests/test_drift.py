@@ -143,12 +143,12 @@ async def test_drift_screen_side_by_side_blind_labels_and_warning(store, tiny_st
     for shown, kind, choice in [([1, 0], "best", [0])] * 3 + [([0, 2], "best", [0])] * 3:
         _drift_label(store, shown, kind, choice)  # humans: v1 wins 3/3, v2 loses 3/3
 
-    app = make_app(store, stack=tiny_stack, sampler=FakeSampler())
+    app = make_app(store, stack=tiny_stack, sampler=FakeSampler(),
+                   drift_params=SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=5))
     async with app.run_test(size=(150, 50)) as pilot:
         await pilot.press("f4")
         await wait_for(pilot, lambda: isinstance(app.screen, DriftScreen))
         screen: DriftScreen = app.screen
-        screen.params = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=5)
         await wait_for(pilot, lambda: screen.versions == [1, 2, 3], 10)
         warning = str(screen.query_one("#drift-warning").render())
         assert "over-optimization" in warning and "(v1)" in warning and "(v2)" in warning
@@ -189,3 +189,35 @@ def test_cli_winrate_json_matches_the_labels(store, db_path, capsys):
     assert (v1["wins"], v1["losses"], v1["ties"], v1["win_rate"]) == (1, 0, 1, 0.75)
     assert next(v for v in out["versions"] if v["version"] == 0)["reward"] == 0.3
     assert out["ties"] == "count half a win"
+
+
+async def test_a_blind_label_that_fails_is_reported_and_can_be_given_again(store, monkeypatch):
+    import sqlite3
+
+    import rlhf.drift
+    from conftest import make_app, wait_for
+
+    from rlhf.drift import BlindPair
+    from workbench.screens.drift import DriftScreen
+
+    prompt_id = store.add_prompt("probe?")
+    ids = [_completion(store, prompt_id, v, f"answer of v{v}") for v in (0, 1)]
+    blind = BlindPair(prompt_id=prompt_id, prompt="probe?", completion_ids=ids, answers=[])
+    app = make_app(store)
+    notes: list[str] = []
+    async with app.run_test(size=(150, 50)) as pilot:
+        await pilot.press("f4")
+        await wait_for(pilot, lambda: isinstance(app.screen, DriftScreen))
+        screen: DriftScreen = app.screen
+        real_notify = app.notify
+        monkeypatch.setattr(app, "notify", lambda message, **kw: (notes.append(message), real_notify(message, **kw)))
+
+        def locked(*args, **kwargs):
+            raise sqlite3.OperationalError("database is locked")
+
+        monkeypatch.setattr(rlhf.drift, "label_blind_pair", locked)
+        screen.blind, screen.blind_pair = True, blind  # as if a probe had been answered blind
+        await pilot.press("1")
+        await wait_for(pilot, lambda: any("OperationalError: database is locked" in n for n in notes))
+        await wait_for(pilot, lambda: screen.blind_pair is blind)
+        assert store.comparisons(purpose="drift") == [] and app.is_running

@@ -326,14 +326,14 @@ async def test_ppo_screen_starts_pauses_stops_and_continues_a_session(store, tin
 
     from workbench.screens.ppo import PPOScreen
 
-    app = make_app(store, stack=tiny_stack, sampler=FakeSampler())
+    ppo_job = {"reward": "rule:distinct", "iterations": 200, "batch_size": 4, "mini_batch_size": 2, "epochs": 1,
+               "max_new_tokens": 4}  # read by the screen each time a session starts
+    app = make_app(store, stack=tiny_stack, sampler=FakeSampler(), job_defaults={"ppo": ppo_job})
     async with app.run_test(size=(150, 50)) as pilot:
         await pilot.press("f3")
         await wait_for(pilot, lambda: isinstance(app.screen, PPOScreen))
         screen: PPOScreen = app.screen
         await wait_for(pilot, lambda: "No PPO session yet" in str(screen.query_one("#ppo-status").render()))
-        screen.job_defaults = {"reward": "rule:distinct", "iterations": 200, "batch_size": 4, "mini_batch_size": 2,
-                               "epochs": 1, "max_new_tokens": 4}
         await pilot.press("s")
         await wait_for(pilot, lambda: len(screen.series.get("objective/kl", [])) >= 1 and screen.rollouts, 90)
         assert screen.job.config["model"] == tiny_stack.model_dir
@@ -349,7 +349,7 @@ async def test_ppo_screen_starts_pauses_stops_and_continues_a_session(store, tin
         stopped_at = store.checkpoint("policy")
         assert stopped_at is not None
 
-        screen.job_defaults["iterations"] = 1
+        ppo_job["iterations"] = 1
         await pilot.press("c")
         await wait_for(pilot, lambda: screen.job.id != stopped_at.job_id and screen.job.status == "done",
                         90)

@@ -17,14 +17,14 @@ TINY_JOB = {"lr": 2e-3, "batch_size": 8, "accum": 1, "eval_fraction": 0.25, "eva
 
 async def test_train_screen_cancels_then_trains_with_live_plots(store, tiny_stack):
     synthetic_pairs(store, 24)
-    app = make_app(store, stack=tiny_stack, sampler=FakeSampler())
+    reward_job = {**TINY_JOB, "steps": 100000}  # read by the screen each time a job starts
+    app = make_app(store, stack=tiny_stack, sampler=FakeSampler(), job_defaults={"reward": reward_job})
     async with app.run_test(size=(140, 40)) as pilot:
         await pilot.press("f2")
         await wait_for(pilot, lambda: isinstance(app.screen, TrainScreen))
         screen: TrainScreen = app.screen
         assert "No reward model trained yet" in str(screen.query_one("#train-status").render())
 
-        screen.job_defaults = {**TINY_JOB, "steps": 100000}
         await pilot.press("s")
         await wait_for(pilot, lambda: screen.job is not None and screen.job.step >= 2, 90)
         assert screen.job.config["model"] == tiny_stack.model_dir
@@ -32,7 +32,8 @@ async def test_train_screen_cancels_then_trains_with_live_plots(store, tiny_stac
         await wait_for(pilot, lambda: screen.job.status == "cancelled", 30)
         assert "cancelled" in str(screen.query_one("#train-status").render())
 
-        screen.job_defaults = {**TINY_JOB, "epochs": 2}
+        reward_job.clear()
+        reward_job.update({**TINY_JOB, "epochs": 2})
         await pilot.press("s")
         await wait_for(pilot, lambda: screen.job.status == "done" and store.checkpoint("reward"), 120)
         await wait_for(pilot, lambda: "reward v1" in str(screen.query_one("#train-status").render()), 10)
@@ -78,10 +79,10 @@ async def test_label_screen_scores_agreement_and_disagreements(store, tiny_stack
         await wait_for(pilot, lambda: screen.query_one(StatusLine).agreement is not None, 20)
         assert "of 6 pairs" in screen.query_one(StatusLine).agreement
         scores = [c.score for c in screen.query(CompletionCard) if c.completion is not None]
-        expected = app.reward_scores.scorer.score_completions(store.prompt(screen.shown_prompt_id).text,
+        expected = app.model_host.scorer.score_completions(store.prompt(screen.shown_prompt_id).text,
                                                               screen.shown)
         assert scores == expected
-        assert app.reward_scores.scorer.gain == 2.0
+        assert app.model_host.scorer.gain == 2.0
 
         await pilot.press("f2")
         await wait_for(pilot, lambda: isinstance(app.screen, TrainScreen))

@@ -72,7 +72,8 @@ def run(args: argparse.Namespace, db_path: Path) -> int:
     from rlhf.locking import AppLock
     from rlhf.models import pick_device
     from rlhf.store import Store
-    from workbench.app import WorkbenchApp, quiet_libraries
+    from workbench.app import WorkbenchApp
+    from workbench.model_host import quiet_libraries
 
     check_model_source(args.model)
     pick_device(args.device)  # --device cuda without a GPU: one line now, not an error on screen later

@@ -1,15 +1,22 @@
 """Messages that carry results from worker threads back to the event loop.
 
 Workers never touch widgets: they post one of these (``post_message`` is
-thread-safe) and the handler on the event loop updates the screen.
+thread-safe) to the node that asked (see ``workbench.model_host``), and that
+node's handler on the event loop updates what it shows.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual.message import Message
 
+if TYPE_CHECKING:
+    from rlhf.drift import BlindPair, DriftPair
+    from rlhf.reward_eval import LabeledPairScore
+
+
+# -- the model (handled by the app, which keeps the state the screens watch)
 
 class ModelStatus(Message):
     """A line of progress while the model loads (or converts, the first time)."""
@@ -20,12 +27,14 @@ class ModelStatus(Message):
 
 
 class ModelLoaded(Message):
-    """The model stack is ready to sample."""
+    """The model stack is ready to sample. ``warning``: what did not load with it
+    (a policy version), said once; sampling goes on from the base model."""
 
-    def __init__(self, stack: Any, seconds: float) -> None:
+    def __init__(self, stack: Any, seconds: float, warning: str | None = None) -> None:
         super().__init__()
         self.stack = stack
         self.seconds = seconds
+        self.warning = warning
 
 
 class ModelFailed(Message):
@@ -35,6 +44,19 @@ class ModelFailed(Message):
         super().__init__()
         self.text = text
 
+
+class PolicySwitched(Message):
+    """Samples come from policy ``version`` from now on. ``quiet``: nothing to
+    announce (no model yet, the version loads with it; or the switch failed and
+    the failure says so)."""
+
+    def __init__(self, version: int, quiet: bool = False) -> None:
+        super().__init__()
+        self.version = version
+        self.quiet = quiet
+
+
+# -- sampling (handled by the labeling screen)
 
 class CompletionsSampled(Message):
     """K new completions of a prompt are in the store (``ids`` in sampling order);
@@ -63,29 +85,44 @@ class SamplingFailed(Message):
         self.text = text
 
 
-class CompletionsShown(Message):
-    """A set of completions went on screen (bubbles to the app). A reward model
-    can listen for this to score them and call ``LabelScreen.show_scores``."""
+# -- the reward model
 
-    def __init__(self, prompt_id: int, completions: list[Any]) -> None:
+class ScoresReady(Message):
+    """Reward-model scores of completions ``ids`` (in that order)."""
+
+    def __init__(self, ids: list[int], scores: list[float]) -> None:
         super().__init__()
-        self.prompt_id = prompt_id
-        self.completions = completions
+        self.ids = ids
+        self.scores = scores
 
 
-class LabelRecorded(Message):
-    """A label went into the store (bubbles to the app); a scripted labeler's
-    batch of labels is one message with no single comparison id."""
+class AgreementMeasured(Message):
+    """How often the reward model agrees with the labeler, e.g. '71% of 120
+    pairs (v2)'. Bubbles up to the app, which keeps the figure
+    (``WorkbenchApp.agreement``) for the screen that shows it."""
 
-    def __init__(self, comparison_id: int | None, kind: str) -> None:
+    def __init__(self, text: str) -> None:
         super().__init__()
-        self.comparison_id = comparison_id
-        self.kind = kind
+        self.text = text
 
 
-class LabelUndone(Message):
-    """The last label and its pairs were removed (bubbles to the app)."""
+class LabeledPairsScored(Message):
+    """Every labeled pair with both scores by reward ``version``; ``scored`` is
+    None when no reward model could be loaded."""
 
-    def __init__(self, comparison_id: int) -> None:
+    def __init__(self, scored: list[LabeledPairScore] | None, version: int | None) -> None:
         super().__init__()
-        self.comparison_id = comparison_id
+        self.scored = scored
+        self.version = version
+
+
+# -- drift (handled by the drift screen)
+
+class DriftAnswered(Message):
+    """The reference and a policy version answered a probe; ``blind`` is the same
+    pair stored for a blind label, when one was asked for."""
+
+    def __init__(self, pair: DriftPair, blind: BlindPair | None) -> None:
+        super().__init__()
+        self.pair = pair
+        self.blind = blind

@@ -3,22 +3,22 @@
 "Worst" is the most confident mistake: the lowest r(chosen) − r(rejected). These
 are where a researcher looks for a mislabel, an ambiguous prompt, or what the
 reward model has latched onto instead (the start of over-optimization).
-Scoring needs the model, so it runs in a worker; the table fills when it is done.
+Scoring needs the model, so the model host does it in a worker; the table fills
+when its answer comes.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
-from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Static
+from textual.worker import Worker
 
-from rlhf.errors import UserError
+from workbench.messages import LabeledPairsScored
 from workbench.screens.base import WorkbenchScreen
 from workbench.widgets.text import one_line
 
@@ -51,45 +51,36 @@ class DisagreementsScreen(WorkbenchScreen):
         self.action_refresh()
 
     def action_refresh(self) -> None:
-        if getattr(self.wb, "stack", None) is None:
+        if self.wb.model_host.stack is None:
             self._status("The model is not loaded yet: scores need it. Try again when it is (r).")
             return
         if not self.wb.store.checkpoints("reward"):
             self._status("No reward model yet: train one on the Train screen (s).")
             return
         self._status("scoring the labeled pairs…")
-        self._score()
+        self.wb.model_host.score_labeled(self)
 
-    @work(thread=True, exclusive=True, group="disagreements", exit_on_error=False)
-    def _score(self) -> None:
+    def on_labeled_pairs_scored(self, message: LabeledPairsScored) -> None:
         from rlhf.reward_eval import disagreements
 
-        scores = getattr(self.app, "reward_scores", None)
-        try:
-            scored = scores.labeled_scores() if scores is not None else None
-        except UserError as e:
-            self.app.call_from_thread(self._status, str(e))
+        if message.scored is None:
+            self._status("No reward model could be loaded.")
             return
-        except Exception as e:  # keep the app up; the log has the traceback
-            logging.getLogger(__name__).exception("scoring labeled pairs failed")
-            self.app.call_from_thread(self._status, f"scoring failed: {type(e).__name__}: {e}")
-            return
-        if scored is None:
-            self.app.call_from_thread(self._status, "No reward model could be loaded.")
-            return
-        self.app.call_from_thread(self._show, disagreements(scored), len(scored))
+        self._show(disagreements(message.scored), len(message.scored), message.version)
+
+    def worker_failed(self, worker: Worker[Any]) -> None:
+        self._status(f"scoring failed: {worker.error}  (r tries again)")
 
     def _status(self, text: str) -> None:
         self.query_one("#disagree-status", Static).update(text)
 
-    def _show(self, rows: list[LabeledPairScore], n_pairs: int) -> None:
+    def _show(self, rows: list[LabeledPairScore], n_pairs: int, version: int | None) -> None:
         self.rows, self.n_pairs = rows, n_pairs
         table = self.query_one(DataTable)
         table.clear()
         for i, row in enumerate(rows):
             table.add_row(Text(f"{row.margin:+.2f}", style="bold red"), one_line(row.prompt, 40),
                           one_line(row.chosen, SNIPPET), one_line(row.rejected, SNIPPET), key=str(i))
-        version = getattr(getattr(self.app, "reward_scores", None), "version", None)
         agree = n_pairs - len(rows)
         self._status(f"reward v{version}: agrees with {agree} of {n_pairs} labeled pairs; "
                      f"{len(rows)} disagreements, most confident first")

@@ -15,13 +15,13 @@ Below, the human win-rate of each version over the reference beside the reward
 model's score for it; when the reward rises while the win-rate falls, a red
 line says so: that is over-optimization.
 
-Generation runs in a worker thread under the app's model lock; the store is read
-in workers too.
+The answers come from the model host (workbench/model_host.py), which loads
+the chosen version into its own adapter and answers with a message; the store is
+read in workers.
 """
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from typing import TYPE_CHECKING, Any
@@ -33,14 +33,18 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Button, Label, Select, Static, Switch
+from textual.worker import Worker
 from textual_plotext import PlotextPlot
 
-from rlhf.errors import UserError
+from rlhf.sampling_params import SamplingParams
+from workbench.messages import DriftAnswered
 from workbench.screens.base import WorkbenchScreen
 
 if TYPE_CHECKING:
     from rlhf.drift import BlindPair, DriftAnswer, DriftPair, VersionDrift
 
+# How the probes are answered: short, and sampled as the policy samples.
+DEFAULT_PARAMS = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=48)
 # |log-ratio| at which the shading is full.
 FULL_SHADE = 2.0
 LEGEND = "shading: log π − log π_ref per token; green = the policy likes it more than the reference, red = less"
@@ -73,8 +77,10 @@ class DriftScreen(WorkbenchScreen):
         Binding("t", "blind_pick(-1)", "Tie", tooltip="Blind: a tie (counts half a win)"),
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, params: SamplingParams | None = None) -> None:
+        """``params``: how the probes are answered (tests make them tiny)."""
         super().__init__()
+        self.params = params or DEFAULT_PARAMS
         self.version: int | None = None
         self.versions: list[int] = []
         self.blind = False
@@ -86,8 +92,9 @@ class DriftScreen(WorkbenchScreen):
         self.warnings: list[str] = []
         self.rng = random.Random()
         self.busy = False
+        self._answering: Worker[None] | None = None
+        self._recording: tuple[Worker[None], BlindPair] | None = None  # a blind label on its way to the store
         self.shown_at = 0.0  # when the blind pair appeared: labels record the seconds taken
-        self.params: Any = None  # SamplingParams; tests make them tiny
 
     def compose_body(self) -> ComposeResult:
         yield Static("", id="drift-status", markup=False)
@@ -182,7 +189,7 @@ class DriftScreen(WorkbenchScreen):
             text = "answering… " + text
         self.query_one("#drift-status", Static).update(text)
 
-    # -- answers (generated in a worker under the model lock)
+    # -- answers (asked of the model host)
 
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "drift-version" and isinstance(event.value, int):
@@ -209,42 +216,28 @@ class DriftScreen(WorkbenchScreen):
         if self.version is None:
             self.notify("no trained policy version to compare: run PPO first", severity="warning")
             return
-        if getattr(self.wb, "stack", None) is None:
+        if self.wb.model_host.stack is None:
             self.notify("the model is still loading", severity="warning")
             return
         self.probe_index = (self.probe_index + 1) % len(self.probes)
         self.busy = True
         self._status()
-        self._answer(self.version, self.probes[self.probe_index], self.blind)
+        self._answering = self.wb.model_host.drift_pair(self, self.version, self.probes[self.probe_index], self.params,
+                                                        blind_rng=self.rng if self.blind else None)
 
-    @work(thread=True, exclusive=True, group="drift-answer", exit_on_error=False)
-    def _answer(self, version: int, prompt: str, blind: bool) -> None:
-        from rlhf.drift import answer_pair, load_drift_version, store_blind_pair
-        from rlhf.sampling import SamplingParams
+    def on_drift_answered(self, message: DriftAnswered) -> None:
+        self.pair, self.blind_pair = message.pair, message.blind
+        self._answered()
 
-        stack = self.wb.stack
-        params = self.params or SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=48)
-        try:
-            with self.wb.model_lock:
-                if getattr(stack, "drift_version", None) != version:
-                    load_drift_version(stack, self.wb.store, version)
-                pair = answer_pair(stack, prompt, params)
-            blind_pair = store_blind_pair(self.wb.store, pair, params, self.rng) if blind else None
-        except UserError as e:
-            self.app.call_from_thread(self._answered, None, None, str(e))
-            return
-        except Exception as e:  # a bug: show it, keep the app up
-            logging.getLogger(__name__).exception("drift answers failed")
-            self.app.call_from_thread(self._answered, None, None, f"{type(e).__name__}: {e}")
-            return
-        self.app.call_from_thread(self._answered, pair, blind_pair, None)
+    def worker_failed(self, worker: Worker[Any]) -> None:
+        # The failure is reported; the screen takes keys again.
+        if worker is self._answering:
+            self._answered()
+        elif self._recording is not None and worker is self._recording[0]:
+            self.blind_pair = self._recording[1]  # not recorded: the same pair can be labeled again
 
-    def _answered(self, pair: DriftPair | None, blind_pair: BlindPair | None, error: str | None) -> None:
+    def _answered(self) -> None:
         self.busy = False
-        if error is not None:
-            self.notify(error, severity="error", timeout=8)
-        else:
-            self.pair, self.blind_pair = pair, blind_pair
         self._show()
         self._status()
 
@@ -279,14 +272,15 @@ class DriftScreen(WorkbenchScreen):
         if not self.blind or self.blind_pair is None:
             self.notify("blind labeling is off: b turns it on, n answers a probe", severity="warning")
             return
-        blind, self.blind_pair = self.blind_pair, None
-        self._record(blind, None if position < 0 else position, time.monotonic() - self.shown_at)
+        blind, self.blind_pair = self.blind_pair, None  # one label per pair, however fast the keys
+        worker = self._record(blind, None if position < 0 else position, time.monotonic() - self.shown_at)
+        self._recording = (worker, blind)
 
     @work(thread=True, group="drift-label", exit_on_error=False)
     def _record(self, blind: BlindPair, winner: int | None, seconds: float) -> None:
         from rlhf.drift import label_blind_pair
 
-        label_blind_pair(self.wb.store, blind, winner, labeler=getattr(self.wb, "labeler", None), seconds=seconds)
+        label_blind_pair(self.wb.store, blind, winner, labeler=self.wb.labeler, seconds=seconds)
         self.app.call_from_thread(self.notify, "recorded" + (" a tie" if winner is None else ""))
         self.app.call_from_thread(self.refresh_table)
         self.app.call_from_thread(self.action_next_probe)

@@ -1,19 +1,18 @@
 """The PPO screen: start, pause, resume and stop a PPO session; watch score, KL,
 beta, entropy and clip fraction live, reward against KL, and the latest rollouts.
 
-The session runs in its own process (rlhf.jobs, runner rlhf.ppo:run_job); this
-screen only reads the store and the rollouts file the job rewrites after each
-iteration. A timer starts a worker thread that reads the job row, the metric
-rows added since the last read and the latest rollouts, and hands them to the
-event loop, which redraws. Nothing here waits on training.
+The session runs in its own process (rlhf.jobs, runner rlhf.ppo:run_job);
+following it is the JobScreen's (workbench/screens/job_screen.py). This screen
+adds the session's settings, its plots, and the rollouts file the job rewrites
+after each iteration.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal
@@ -21,11 +20,11 @@ from textual.widgets import Button, Checkbox, DataTable, Label, ProgressBar, Sel
 from textual_plotext import PlotextPlot
 
 from rlhf.rows import Job
-from workbench.job_follow import just_finished, merge_new_points
-from workbench.screens.base import WorkbenchScreen
+from rlhf.store import Store
+from workbench.job_follow import Series
+from workbench.screens.job_screen import JobScreen, JobSnapshot
 from workbench.widgets.text import one_line
 
-POLL_S = 1.0
 # (metric, label, format) of the latest iteration in the status line, after the score.
 FIGURES = (("objective/kl", "KL", "{:.3g}"), ("beta", "beta", "{:.3g}"), ("val/ratio", "ratio", "{:.3g}"),
            ("val/eos_fraction", "EOS", "{:.0%}"), ("val/completion_tokens", "length", "{:.0f}"),
@@ -44,16 +43,14 @@ REWARD_CHOICES = (("reward model (latest)", ""), ("rule: short answers ending in
 
 
 @dataclass
-class Snapshot:
+class Snapshot(JobSnapshot):
     """What one poll read from the store."""
 
-    job: Job | None
-    new_metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     rollouts: list[dict[str, Any]] | None = None
     last_version: int | None = None
 
 
-class PPOScreen(WorkbenchScreen):
+class PPOScreen(JobScreen[Snapshot]):
     BINDINGS = [
         Binding("s", "start", "Start", tooltip="Start a PPO session from the latest policy"),
         Binding("c", "continue_session", "Continue", tooltip="Resume a stopped session from its last checkpoint"),
@@ -62,16 +59,16 @@ class PPOScreen(WorkbenchScreen):
         Binding("e", "control('cancel')", "Stop", tooltip="Stop the session after the current iteration"),
     ]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.job_id: int | None = None
-        self.job: Job | None = None
-        self.last_step = 0                  # metrics read up to this iteration
-        self.series: dict[str, list[tuple[int, float]]] = {}
+    KIND = "ppo"
+    IDLE = "no PPO session is running"
+    BUSY = "PPO job {job.id} is still {job.status}: stop it first (e)"
+    REQUESTED = {action: f"{doing} PPO job {{id}} (between iterations)"
+                 for action, doing in (("pause", "pausing"), ("resume", "resuming"), ("cancel", "stopping"))}
+
+    def __init__(self, job_defaults: Mapping[str, Any] | None = None) -> None:
+        super().__init__(job_defaults)
         self.rollouts: list[dict[str, Any]] = []
         self.last_version: int | None = None
-        # Extra job config for sessions started here (tests make them tiny).
-        self.job_defaults: dict[str, Any] = {}
 
     def compose_body(self) -> ComposeResult:
         yield Static("", id="ppo-status", markup=False)
@@ -94,84 +91,46 @@ class PPOScreen(WorkbenchScreen):
             yield PlotextPlot(id="plot-reward-kl")
         yield DataTable(id="ppo-rollouts", zebra_stripes=True, cursor_type="row")
 
-    def on_mount(self) -> None:
+    def on_mount(self) -> None:  # before JobScreen.on_mount (Textual calls both, this first)
         table = self.query_one("#ppo-rollouts", DataTable)
         for name in ROLLOUT_COLUMNS:
             table.add_column(name, key=name)
-        self._draw()
-        self.poll()
-        self.set_interval(POLL_S, self.poll)
 
-    def on_screen_resume(self) -> None:
-        self.poll()
+    # -- the session as this screen shows it
 
-    # -- reading the store (in a worker)
-
-    def poll(self) -> None:
-        self._read_store()
-
-    @work(thread=True, exclusive=True, group="ppo-poll", exit_on_error=False)
-    def _read_store(self) -> None:
-        from rlhf import jobs
+    def read(self, store: Store, job: Job | None, new_metrics: Series, first_read: bool) -> Snapshot:
         from rlhf.locations import checkpoints_dir
         from rlhf.ppo_rollout import read_rollouts
 
-        store = self.wb.store
-        job_id, after = self.job_id, self.last_step
-        if self.job is not None and self.job.active:
-            jobs.refresh(store)  # a killed session shows as failed
-        latest = jobs.latest_job(store, "ppo")
-        if latest is not None and latest.id != job_id:
-            job_id, after = latest.id, 0
-        snap = Snapshot(job=latest)
-        if job_id is not None:
-            snap.new_metrics = store.metrics(job_id, after_step=after)
-            if snap.new_metrics or after == 0:
-                snap.rollouts = read_rollouts(checkpoints_dir(store.path), job_id)
+        rollouts = None
+        if job is not None and (new_metrics or first_read):  # the job rewrites them after each iteration
+            rollouts = read_rollouts(checkpoints_dir(store.path), job.id)
         last = store.checkpoint("policy")
-        snap.last_version = last.version if last else None
-        self.app.call_from_thread(self._apply, snap)
+        return Snapshot(job, new_metrics, rollouts=rollouts, last_version=last.version if last else None)
 
-    # -- showing it (on the event loop)
+    def new_job(self) -> None:
+        self.rollouts = []
 
-    def _apply(self, snap: Snapshot) -> None:
+    def show(self, snap: Snapshot) -> None:
         job = snap.job
-        if job is not None and job.id != self.job_id:
-            self.job_id, self.last_step, self.series, self.rollouts = job.id, 0, {}, []
-        finished_now = just_finished(self.job, job)
-        self.job, self.last_version = job, snap.last_version
-        last_step = merge_new_points(self.series, snap.new_metrics, self.last_step)
-        if last_step is not None:
-            self.last_step = last_step
-            self._draw()
+        self.last_version = snap.last_version
         if snap.rollouts is not None and snap.rollouts != self.rollouts:
             self.rollouts = snap.rollouts
             self._fill_rollouts()
-        self._progress(job)
         self.query_one("#ppo-status", Static).update(self.status_text())
         active = job is not None and job.active
         self.query_one("#ppo-start", Button).disabled = active
         self.query_one("#ppo-stop", Button).disabled = not active
         self.query_one("#ppo-pause", Button).disabled = not active or job.status == "paused"
         self.query_one("#ppo-resume", Button).disabled = not active or job.status != "paused"
-        if finished_now:
-            self._finished(job)
 
-    def _finished(self, job: Job) -> None:
+    def finished(self, job: Job, snap: Snapshot) -> None:
         if job.status == "failed":
             self.notify(f"PPO failed: {job.error}", severity="error", timeout=12)
         elif job.status == "cancelled":
             self.notify(f"PPO stopped at iteration {job.step}; c continues it")
         else:
             self.notify(f"PPO session done: policy v{self.last_version} saved")
-
-    def _progress(self, job: Job | None) -> None:
-        bar = self.query_one("#ppo-progress", ProgressBar)
-        if job is None or not job.total_steps:
-            bar.update(total=None)
-            return
-        # Iterations count on across a resumed session: "iteration 7 of 10".
-        bar.update(total=job.total_steps, progress=job.step)
 
     def status_text(self) -> str:
         job = self.job
@@ -211,7 +170,7 @@ class PPOScreen(WorkbenchScreen):
         warning = penalty_warning(self._latest())
         return f"\nWARNING: {warning}" if warning else ""
 
-    def _draw(self) -> None:
+    def draw(self) -> None:
         for plot_id, title, name in PLOTS:
             widget = self.query_one(f"#{plot_id}", PlotextPlot)
             plt = widget.plt
@@ -245,59 +204,31 @@ class PPOScreen(WorkbenchScreen):
 
     def job_config(self, *, resume: bool = False) -> dict[str, Any]:
         """A PPO job config: the chosen options and the app's base model."""
-        config: dict[str, Any] = {"iterations": self.query_one("#ppo-iterations", Select).value,
-                                  "beta": self.query_one("#ppo-beta", Select).value,
-                                  "adaptive_kl": self.query_one("#ppo-adaptive", Checkbox).value,
-                                  "reward": self.query_one("#ppo-reward", Select).value or None,
-                                  "resume": resume}
-        options, stack = getattr(self.wb, "model_options", None), getattr(self.wb, "stack", None)
-        if options is not None:
-            config.update(model=options.source, quantize=options.quantize, device=options.device)
-        elif stack is not None:
-            config.update(model=stack.model_dir, quantize=stack.quantized, device=stack.device.type)
-        return {**config, **self.job_defaults}
+        return self.full_config({"iterations": self.query_one("#ppo-iterations", Select).value,
+                                 "beta": self.query_one("#ppo-beta", Select).value,
+                                 "adaptive_kl": self.query_one("#ppo-adaptive", Checkbox).value,
+                                 "reward": self.query_one("#ppo-reward", Select).value or None,
+                                 "resume": resume})
 
     def action_start(self) -> None:
-        self._begin(resume=False)
+        self.start(self.job_config(resume=False))
 
     def action_continue_session(self) -> None:
-        self._begin(resume=True)
+        self.start(self.job_config(resume=True))
 
-    def _begin(self, *, resume: bool) -> None:
-        if self.job is not None and self.job.active:
-            self.notify(f"PPO job {self.job.id} is still {self.job.status}: stop it first (e)",
-                        severity="warning")
-            return
-        self._start(self.job_config(resume=resume))
-
-    @work(thread=True, exclusive=True, group="ppo-start", exit_on_error=False)
-    def _start(self, config: dict[str, Any]) -> None:
+    def launch(self, config: dict[str, Any]) -> None:
         from rlhf.ppo import sampling_mismatch, session_settings, start_session
         from rlhf.ppo_config import PPOConfig
 
         PPOConfig.from_dict(config)
         job_id = start_session(self.wb.store, config)
         mismatch = sampling_mismatch(session_settings(self.wb.store, config), self.wb.store)
-        what = "continuing the last session" if config.get("resume") else "started"
-        self.app.call_from_thread(self.notify, f"PPO job {job_id} {what}")
+        self.notify(f"PPO job {job_id} {'continuing the last session' if config.get('resume') else 'started'}")
         if mismatch:
-            self.app.call_from_thread(self.notify, f"Warning: {mismatch}", severity="warning", timeout=12)
-        self.app.call_from_thread(self.poll)
+            self.notify(f"Warning: {mismatch}", severity="warning", timeout=12)
 
     def action_control(self, action: str) -> None:
-        if self.job is None or not self.job.active:
-            self.notify("no PPO session is running")
-            return
-        self._control(self.job.id, action)
-
-    @work(thread=True, group="ppo-control", exit_on_error=False)
-    def _control(self, job_id: int, action: str) -> None:
-        from rlhf import jobs
-
-        jobs.request(self.wb.store, job_id, action)
-        said = {"pause": "pausing", "resume": "resuming", "cancel": "stopping"}[action]
-        self.app.call_from_thread(self.notify, f"{said} PPO job {job_id} (between iterations)")
-        self.app.call_from_thread(self.poll)
+        self.request(action)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         actions = {"ppo-start": self.action_start, "ppo-pause": lambda: self.action_control("pause"),

@@ -1,18 +1,16 @@
 """The Train screen: start a reward-model job, watch it learn, cancel it.
 
-The job runs in its own process (rlhf.jobs); this screen only reads the store.
-A timer starts a worker thread that reads the job row and the metric rows added
-since the last read, and hands them back to the event loop, which redraws the
-plots (textual-plotext) and the progress bar. Nothing here waits on training,
-so labeling can go on in the other mode while a job runs.
+Following the job is the JobScreen's (workbench/screens/job_screen.py); this
+screen adds the pairs and epochs to train with, the loss and accuracy plots
+(textual-plotext), and a status line with the held-out accuracy of what a job
+saved.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -21,10 +19,10 @@ from textual_plotext import PlotextPlot
 
 from rlhf.rows import Checkpoint, Job
 from rlhf.stats import rate_text
-from workbench.job_follow import just_finished, merge_new_points
-from workbench.screens.base import WorkbenchScreen
+from rlhf.store import Store
+from workbench.job_follow import Series
+from workbench.screens.job_screen import JobScreen, JobSnapshot
 
-POLL_S = 1.0
 # Plotted series: (metric name, legend label), per plot.
 LOSS_SERIES = (("loss", "loss"),)
 ACCURACY_SERIES = (("accuracy", "accuracy"), ("eval/accuracy", "held-out accuracy"))
@@ -34,11 +32,9 @@ EPOCH_CHOICES = [("auto (held-out)", AUTO), *[(str(n), n) for n in (1, 2, 4, 8)]
 
 
 @dataclass
-class Snapshot:
+class Snapshot(JobSnapshot):
     """What one poll read from the store."""
 
-    job: Job | None
-    new_metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     checkpoint: Checkpoint | None = None
     pairs_labeled: int = 0
     pairs_imported: int = 0
@@ -55,21 +51,17 @@ def length_check(meta: dict[str, Any]) -> str:
     return text
 
 
-class TrainScreen(WorkbenchScreen):
+class TrainScreen(JobScreen[Snapshot]):
     BINDINGS = [
         Binding("s", "start", "Start", tooltip="Start training a reward model on the recorded pairs"),
         Binding("c", "cancel", "Cancel", tooltip="Cancel the running training job (stops within one step)"),
         Binding("d", "disagreements", "Disagreements", tooltip="Labeled pairs the reward model gets wrong"),
     ]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.job_id: int | None = None      # the job the plots show
-        self.job: Job | None = None
-        self.last_step = -1                 # metrics read up to this step
-        self.series: dict[str, list[tuple[int, float]]] = {}
-        # Extra RewardConfig fields for jobs started here (tests make them tiny).
-        self.job_defaults: dict[str, Any] = {}
+    KIND = "reward"
+    FIRST_STEP = -1
+    IDLE = "no training job is running"
+    BUSY = "job {job.id} is still {job.status}: cancel it first (c)"
+    REQUESTED = {"cancel": "cancelling job {id} (it stops after the current step)"}
 
     def compose_body(self) -> ComposeResult:
         yield Static("", id="train-status", markup=False)
@@ -86,73 +78,28 @@ class TrainScreen(WorkbenchScreen):
             yield PlotextPlot(id="loss-plot")
             yield PlotextPlot(id="accuracy-plot")
 
-    def on_mount(self) -> None:
-        self._draw()
-        self.poll()
-        self.set_interval(POLL_S, self.poll)
+    # -- the job as this screen shows it
 
-    def on_screen_resume(self) -> None:
-        self.poll()
-
-    # -- reading the store (in a worker)
-
-    def poll(self) -> None:
-        self._read_store()
-
-    @work(thread=True, exclusive=True, group="train-poll", exit_on_error=False)
-    def _read_store(self) -> None:
-        from rlhf import jobs
-
-        store = self.wb.store
-        job_id, after = self.job_id, self.last_step
-        if job_id is not None and self.job is not None and self.job.active:
-            jobs.refresh(store)  # a killed job shows as failed
-        latest = jobs.latest_job(store, "reward")
-        if latest is not None and latest.id != job_id:
-            job_id, after = latest.id, -1
-        snap = Snapshot(job=latest, checkpoint=store.checkpoint("reward"))
-        if job_id is not None:
-            snap.new_metrics = store.metrics(job_id, after_step=after)
+    def read(self, store: Store, job: Job | None, new_metrics: Series, first_read: bool) -> Snapshot:
         stats = store.stats()
-        snap.pairs_labeled, snap.pairs_imported = stats["pairs_labeled"], stats["pairs_imported"]
-        self.app.call_from_thread(self._apply, snap)
+        return Snapshot(job, new_metrics, checkpoint=store.checkpoint("reward"),
+                        pairs_labeled=stats["pairs_labeled"], pairs_imported=stats["pairs_imported"])
 
-    # -- showing it (on the event loop)
-
-    def _apply(self, snap: Snapshot) -> None:
+    def show(self, snap: Snapshot) -> None:
         job = snap.job
-        if job is not None and job.id != self.job_id:
-            self.job_id, self.last_step, self.series = job.id, -1, {}
-        finished_now = just_finished(self.job, job)
-        self.job = job
-        last_step = merge_new_points(self.series, snap.new_metrics, self.last_step)
-        if last_step is not None:
-            self.last_step = last_step
-            self._draw()
-        self._progress(job)
         self.query_one("#train-status", Static).update(self.status_text(snap))
         self.query_one("#train-cancel", Button).disabled = job is None or not job.active
         self.query_one("#train-start", Button).disabled = job is not None and job.active
-        if finished_now:
-            self._finished(job, snap.checkpoint)
 
-    def _finished(self, job: Job, checkpoint: Checkpoint | None) -> None:
+    def finished(self, job: Job, snap: Snapshot) -> None:
         if job.status == "done":
+            checkpoint = snap.checkpoint
             self.notify(f"reward model v{checkpoint.version if checkpoint else '?'} is ready")
-            scores = getattr(self.app, "reward_scores", None)
-            if scores is not None:
-                scores.refresh_agreement()
+            self.wb.model_host.measure_agreement(self)  # the figure the labeling screen shows
         elif job.status == "failed":
             self.notify(f"training failed: {job.error}", severity="error", timeout=10)
         else:
             self.notify(f"training {job.status}")
-
-    def _progress(self, job: Job | None) -> None:
-        bar = self.query_one("#train-progress", ProgressBar)
-        if job is None or not job.total_steps:
-            bar.update(total=None)
-            return
-        bar.update(total=job.total_steps, progress=job.step)
 
     def status_text(self, snap: Snapshot) -> str:
         job = snap.job
@@ -191,7 +138,7 @@ class TrainScreen(WorkbenchScreen):
                 parts.append(f"{label} {self.series[name][-1][1]:.3f}")
         return ("  ·  " + "  ·  ".join(parts)) if parts else ""
 
-    def _draw(self) -> None:
+    def draw(self) -> None:
         for plot_id, title, series, ylim in (("#loss-plot", "loss", LOSS_SERIES, None),
                                              ("#accuracy-plot", "accuracy", ACCURACY_SERIES, (0.0, 1.0))):
             widget = self.query_one(plot_id, PlotextPlot)
@@ -213,44 +160,23 @@ class TrainScreen(WorkbenchScreen):
     def job_config(self) -> dict[str, Any]:
         """A RewardConfig dict: the chosen options and the app's base model."""
         epochs = self.query_one("#train-epochs", Select).value
-        config: dict[str, Any] = {"sources": self.query_one("#train-sources", Select).value,
-                                  "epochs": None if epochs == AUTO else epochs}
-        options, stack = getattr(self.wb, "model_options", None), getattr(self.wb, "stack", None)
-        if options is not None:
-            config.update(model=options.source, quantize=options.quantize, device=options.device)
-        elif stack is not None:
-            config.update(model=stack.model_dir, quantize=stack.quantized, device=stack.device.type)
-        return {**config, **self.job_defaults}
+        return self.full_config({"sources": self.query_one("#train-sources", Select).value,
+                                 "epochs": None if epochs == AUTO else epochs})
 
     def action_start(self) -> None:
-        if self.job is not None and self.job.active:
-            self.notify(f"job {self.job.id} is still {self.job.status}: cancel it first (c)", severity="warning")
-            return
-        self._start(self.job_config())
+        self.start(self.job_config())
 
-    @work(thread=True, exclusive=True, group="train-start", exit_on_error=False)
-    def _start(self, config: dict[str, Any]) -> None:
+    def launch(self, config: dict[str, Any]) -> None:
         from rlhf import jobs
         from rlhf.reward import check_pairs
         from rlhf.reward_config import RewardConfig
 
         check_pairs(self.wb.store, RewardConfig.from_dict(config).sources)
         job_id = jobs.start_job(self.wb.store, "reward", config)
-        self.app.call_from_thread(self.notify, f"started reward job {job_id}")
-        self.app.call_from_thread(self.poll)
+        self.notify(f"started reward job {job_id}")
 
     def action_cancel(self) -> None:
-        if self.job is None or not self.job.active:
-            self.notify("no training job is running")
-            return
-        self._cancel(self.job.id)
-
-    @work(thread=True, group="train-cancel", exit_on_error=False)
-    def _cancel(self, job_id: int) -> None:
-        from rlhf import jobs
-
-        jobs.request(self.wb.store, job_id, "cancel")
-        self.app.call_from_thread(self.notify, f"cancelling job {job_id} (it stops after the current step)")
+        self.request("cancel")
 
     def action_disagreements(self) -> None:
         from workbench.screens.disagreements import DisagreementsScreen

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.message import Message
 from textual.widgets import OptionList
-from textual.widgets.option_list import Option
+from textual.widgets.option_list import Option, OptionDoesNotExist
 
 
 class PromptList(OptionList):
@@ -27,7 +27,7 @@ class PromptList(OptionList):
             return
         try:
             index = self.get_option_index(str(current))
-        except Exception:  # the list is refilled after a prompt was added
+        except OptionDoesNotExist:  # the list is refilled after a prompt was added
             return
         self.highlighted = index
         self.scroll_to_highlight()
@@ -35,7 +35,7 @@ class PromptList(OptionList):
     def update_prompt(self, prompt_id: int, text: str, labeled: bool) -> None:
         try:
             self.replace_option_prompt(str(prompt_id), _line(prompt_id, text, labeled))
-        except Exception:
+        except OptionDoesNotExist:  # not listed yet: the next fill shows it
             pass
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:

@@ -1,0 +1,167 @@
+"""The labeling screen's keys that record labels: pick, rank, tie, all bad,
+skip, undo, and a rule that labels every waiting comparison.
+
+What a label records: the completions in the order shown, the kind of answer
+and the choice (shown positions, best first), the labeler, and the seconds from
+when the completions appeared to the key press. Pairs follow from
+rlhf.preferences: a pick gives K-1, a full ranking C(K,2), the rest none.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import cast
+
+from textual import work
+
+from rlhf.errors import UserError
+from rlhf.preferences import record_label, undo_last_label
+from rlhf.rows import Completion
+from workbench.deck import Deck
+from workbench.screens.base import WorkbenchScreen
+from workbench.screens.dialogs import RuleDialog
+from workbench.widgets.completion_card import CompletionCard
+
+LABEL_ACTIONS = ("pick", "label", "toggle_ranking")
+
+
+class LabelKeys(WorkbenchScreen):
+    """Part of LabelScreen (which holds what is shown and moves on:
+    ``show_current``, ``_status``, ``_fill_list``, ``_list_mark``)."""
+
+    deck: Deck | None
+    shown: list[Completion]
+    shown_prompt_id: int | None
+    _shown_at: float  # when the completions appeared: a label records the seconds since
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ranking_mode = False
+        self.ranking: list[int] = []           # shown positions (0-based), best first
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "pick" and parameters and int(cast(int, parameters[0])) > self.wb.k:
+            return False  # keys above K do nothing and stay out of the palette
+        if action in LABEL_ACTIONS and not self.shown:
+            return None  # shown dimmed in the footer until there is something to label
+        return True
+
+    def action_pick(self, number: int) -> None:
+        if not self._ready_to_label():
+            return
+        position = number - 1
+        if self.ranking_mode:
+            self._rank(position)
+        else:
+            self._record("best", [position])
+
+    def on_completion_card_clicked(self, message: CompletionCard.Clicked) -> None:
+        self.action_pick(message.number)
+
+    def action_label(self, kind: str) -> None:
+        if self._ready_to_label():
+            self._record(kind, None)
+
+    def action_toggle_ranking(self) -> None:
+        self.ranking_mode = not self.ranking_mode
+        self._clear_ranking()  # the status line shows the mode
+
+    def action_clear_ranking(self) -> None:
+        self._clear_ranking()
+
+    def _clear_ranking(self) -> None:
+        self.ranking = []
+        for card in self.cards:
+            card.set_rank(None)
+        if self.deck is not None:
+            self._status()
+
+    def _rank(self, position: int) -> None:
+        if position in self.ranking:
+            self.notify(f"{position + 1} is already ranked {self.ranking.index(position) + 1}; "
+                        "escape starts the ranking over", severity="warning", timeout=3)
+            return
+        self.ranking.append(position)
+        self.cards[position].set_rank(len(self.ranking))
+        if len(self.ranking) == self.wb.k - 1:  # the last one is implied
+            last = next(p for p in range(self.wb.k) if p not in self.ranking)
+            self.ranking.append(last)
+            self.cards[last].set_rank(self.wb.k)
+            self._record("ranking", list(self.ranking))
+        else:
+            self._status()
+
+    def _ready_to_label(self) -> bool:
+        if not self.shown or self.shown_prompt_id is None:
+            self.notify("nothing to label yet: completions are still coming", severity="warning", timeout=2)
+            return False
+        return True
+
+    def _record(self, kind: str, choice: list[int] | None) -> None:
+        assert self.deck is not None and self.shown_prompt_id is not None
+        pid = self.shown_prompt_id
+        seconds = round(time.monotonic() - self._shown_at, 2)
+        try:
+            record_label(self.wb.store, pid, [c.id for c in self.shown], kind, choice,
+                         labeler=self.wb.labeler, seconds=seconds)
+        except UserError as e:
+            self.notify(str(e), severity="error")
+            return
+        self.wb.model_host.measure_agreement(self)
+        self.deck.mark_labeled(pid)
+        self._list_mark(pid)
+        nxt = self.deck.next_unlabeled()
+        if nxt is None:
+            self.notify("every prompt is labeled: add prompts (a), or resample one (r) to label it again",
+                        timeout=5)
+            self.deck.step(1)
+        else:
+            self.deck.go(nxt)
+        self.show_current()
+
+    def action_label_by_rule(self) -> None:
+        def chosen(spec: str | None) -> None:
+            if spec is not None:
+                self._label_by_rule(spec)
+
+        self.app.push_screen(RuleDialog(), chosen)
+
+    @work(thread=True, exclusive=True, group="rule-labels", exit_on_error=False)
+    def _label_by_rule(self, spec: str) -> None:
+        from rlhf.preferences import label_by_rule
+        from rlhf.rules import parse_rule
+
+        kinds = label_by_rule(self.wb.store, parse_rule(spec), k=self.wb.k)
+        self.app.call_from_thread(self._rule_labeled, spec, dict(kinds))
+
+    def _rule_labeled(self, spec: str, kinds: dict[str, int]) -> None:
+        assert self.deck is not None
+        if not kinds:
+            self.notify("no comparisons are waiting for a label: sample first (r, or `rlhf sample`)",
+                        severity="warning", timeout=5)
+            return
+        parts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        self.notify(f"labeled {sum(kinds.values())} comparisons as rule:{spec} ({parts})", timeout=5)
+        self.wb.model_host.measure_agreement(self)
+        self.deck.reload()
+        self._fill_list()
+        nxt = self.deck.next_unlabeled()
+        if nxt is not None and self.deck.is_labeled(self.deck.current_id or nxt):
+            self.deck.go(nxt)
+        self.show_current()
+
+    def action_undo(self) -> None:
+        assert self.deck is not None
+        last = undo_last_label(self.wb.store, labeler=self.wb.labeler)
+        if last is None:
+            self.notify("nothing to undo", severity="warning", timeout=2)
+            return
+        pid = last.prompt_id
+        self.deck.reload()
+        # Back to the undone prompt, showing exactly what was shown then.
+        self.deck.set_exact(pid, last.completion_ids)
+        self.deck.go(pid)
+        self._list_mark(pid)
+        self.notify(f"undid the {last.kind.replace('_', ' ')} label on prompt {pid}", timeout=3)
+        self.show_current()
+
