@@ -197,11 +197,6 @@ class WorkbenchApp(App[None]):
         self.push_screen(VersionPicker(versions, self.policy_version), chosen)
 
     def action_export(self) -> None:
-        try:
-            from rlhf.exchange_export import export_pairs  # noqa: F401  (built by the import/export issue)
-        except ImportError:
-            self.notify("export is not available in this version", severity="warning")
-            return
         self.push_screen(ExportDialog(Path.cwd()), self._export)
 
     def _export(self, request: ExportRequest | None) -> None:
