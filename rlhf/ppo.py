@@ -16,7 +16,7 @@ experience and the rewards), ``rlhf.ppo_session`` (the iterations),
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,13 @@ import torch
 
 from rlhf.errors import UserError
 from rlhf.model_stack import ModelStack
-from rlhf.ppo_config import PPOConfig
+from rlhf.ppo_config import PPOConfig, PPOJob
 from rlhf.ppo_rollout import Rollout, RuleScorer, Scorer, rollouts_path, rule_scorer, write_rollouts
 from rlhf.ppo_session import NORMALIZATION_KEYS, PPOSession
 from rlhf.rows import Checkpoint
 from rlhf.sampling_params import DEFINITION_KEYS
+
+PPO_SETTINGS = {f.name for f in fields(PPOConfig)}
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Start:
     reward: Any = None                                # ... and the reward they were measured for
 
 
-def prepare_stack(stack: ModelStack, store: Any, config: dict[str, Any]) -> Start:
+def prepare_stack(stack: ModelStack, store: Any, job: PPOJob) -> Start:
     """Load the policy and reference of a new or resumed session into the stack.
 
     A new session trains from ``init_policy_version`` (None: the latest policy;
@@ -52,7 +54,7 @@ def prepare_stack(stack: ModelStack, store: Any, config: dict[str, Any]) -> Star
     continues from the latest checkpoint but keeps the reference of the session
     that wrote it: the reference is the policy as it was when the session
     started, not the checkpoint being resumed."""
-    if config.get("resume"):
+    if job.resume:
         last = resume_checkpoint(store)
         stack.load_adapter("policy", last.path)
         stack.policy_version = last.version
@@ -62,7 +64,7 @@ def prepare_stack(stack: ModelStack, store: Any, config: dict[str, Any]) -> Star
         normalization = {k: meta[k] for k in NORMALIZATION_KEYS if k in meta} if "reward_gain" in meta else None
         return Start(last.version, ref, int(meta.get("iteration", 0)), meta.get("beta"), Path(last.path),
                      normalization, meta.get("reward"))
-    version = config.get("init_policy_version")
+    version = job.init_policy_version
     checkpoint = store.checkpoint("policy", version) if version != 0 else None
     if checkpoint is None:
         return Start(0, 0)
@@ -79,9 +81,9 @@ def resume_checkpoint(store: Any) -> Checkpoint:
     return last
 
 
-def load_reward(stack: ModelStack, store: Any, config: dict[str, Any], max_new_tokens: int) -> Scorer:
+def load_reward(stack: ModelStack, store: Any, job: PPOJob, max_new_tokens: int) -> Scorer:
     """A rule (``reward: 'rule:...'``) or the trained reward model (latest, or a version)."""
-    spec = config.get("reward")
+    spec = job.reward
     if isinstance(spec, str) and spec.startswith("rule:"):
         tok = stack.tokenizer
         return rule_scorer(spec, tok.eos_token_id, max_new_tokens,
@@ -94,21 +96,20 @@ def load_reward(stack: ModelStack, store: Any, config: dict[str, Any], max_new_t
     return scorer
 
 
-def session_settings(store: Any, config: dict[str, Any]) -> dict[str, Any]:
-    """The job config completed, so that a session samples as its reward model
-    was trained: a new session without sampling options takes the definition of
-    the completions its reward model was trained on; a resumed session keeps its
-    own settings and reward (options given now override them)."""
-    settings = dict(config)
-    if config.get("resume"):
+def session_settings(store: Any, job: PPOJob) -> PPOJob:
+    """The job completed, so that a session samples as its reward model was
+    trained: a new session without sampling settings takes the definition of the
+    completions its reward model was trained on; a resumed session keeps its own
+    settings and reward (settings given now override them)."""
+    if job.resume:
         meta = resume_checkpoint(store).meta
-        saved = {**meta.get("config", {}), "reward": meta.get("reward")}
-        return {**saved, **{k: v for k, v in config.items() if v is not None}}
-    definition = reward_sampling(store, config.get("reward")) or {}
-    for key in DEFINITION_KEYS:
-        if settings.get(key) is None and key in definition:
-            settings[key] = definition[key]
-    return settings
+        # A setting this version no longer has is dropped from an older session's.
+        saved = {k: v for k, v in meta.get("config", {}).items() if k in PPO_SETTINGS}
+        reward = meta.get("reward") if job.reward is None else job.reward
+        return replace(job, reward=reward, ppo={**saved, **job.ppo})
+    definition = reward_sampling(store, job.reward) or {}
+    sampling = {k: definition[k] for k in DEFINITION_KEYS if k in definition and job.ppo.get(k) is None}
+    return replace(job, ppo={**job.ppo, **sampling})
 
 
 def reward_sampling(store: Any, spec: Any) -> dict[str, Any] | None:
@@ -120,13 +121,13 @@ def reward_sampling(store: Any, spec: Any) -> dict[str, Any] | None:
     return checkpoint.meta.get("sampling") if checkpoint else None
 
 
-def sampling_mismatch(settings: dict[str, Any], store: Any) -> str | None:
+def sampling_mismatch(job: PPOJob, store: Any) -> str | None:
     """A warning when the session samples otherwise than its reward model's labels
     were sampled: the reward model would then score a kind of text it never saw."""
-    definition = reward_sampling(store, settings.get("reward"))
+    definition = reward_sampling(store, job.reward)
     if not definition:
         return None
-    ppo = PPOConfig.from_dict(settings)
+    ppo = PPOConfig.from_dict(job.ppo)
     differ = [f"{k} {getattr(ppo, k)} (labels: {definition[k]})" for k in DEFINITION_KEYS
               if k in definition and float(getattr(ppo, k)) != float(definition[k])]
     if not differ:
@@ -135,12 +136,12 @@ def sampling_mismatch(settings: dict[str, Any], store: Any) -> str | None:
             + "; the reward model will score text unlike what it learned from")
 
 
-def session_prompts(store: Any, config: dict[str, Any]) -> list[str]:
-    """The store's prompts, or a prompt file named in the config."""
-    if config.get("prompt_file"):
+def session_prompts(store: Any, job: PPOJob) -> list[str]:
+    """The store's prompts, or the job's prompt file."""
+    if job.prompt_file:
         from rlhf.prompts import read_prompt_file
 
-        return read_prompt_file(config["prompt_file"]).prompts
+        return read_prompt_file(job.prompt_file).prompts
     return store_prompts(store)
 
 
@@ -151,60 +152,58 @@ def store_prompts(store: Any) -> list[str]:
     return prompts
 
 
-def check_can_start(store: Any, config: dict[str, Any]) -> None:
+def check_can_start(store: Any, job: PPOJob) -> None:
     """The user errors a session would hit, found before a process is spawned."""
-    config = session_settings(store, config)  # resuming: its checkpoint (or "nothing to resume"), own reward
-    if not config.get("resume") and config.get("init_policy_version"):
-        store.checkpoint("policy", config["init_policy_version"])  # raises when there is no such version
-    spec = config.get("reward")
+    job = session_settings(store, job)  # resuming: its checkpoint (or "nothing to resume"), own reward
+    if not job.resume and job.init_policy_version:
+        store.checkpoint("policy", job.init_policy_version)  # raises when there is no such version
+    spec = job.reward
     if isinstance(spec, str) and spec.startswith("rule:"):
         rule_scorer(spec, 0, 1)
     elif spec is not None:
         store.checkpoint("reward", int(spec))
     elif store.checkpoint("reward") is None:
         raise UserError("no reward model: train one first (rlhf train-reward)")
-    if not config.get("prompt_file"):
+    if not job.prompt_file:
         store_prompts(store)
-    if not config.get("iterations") and not config.get("minutes"):
+    if not job.iterations and not job.minutes:
         raise UserError("a PPO session needs an end: pass --iterations N or --minutes M")
 
 
-def start_session(store: Any, config: dict[str, Any]) -> int:
-    """Check the config and start the 'ppo' job in its own process; returns its id."""
+def start_session(store: Any, job: PPOJob) -> int:
+    """Check the job and start it in its own process; returns its id."""
     from rlhf.jobs import start_job
 
-    check_can_start(store, config)
-    return start_job(store, "ppo", config)
+    check_can_start(store, job)
+    return start_job(store, "ppo", job.to_dict())
 
 
 def run_job(ctx: Any) -> None:
     """The 'ppo' job: a short PPO session in this (background) process."""
-    from rlhf.models import ModelOptions, load_stack
+    from rlhf.models import load_stack
 
-    config = session_settings(ctx.store, ctx.config)
-    ppo = PPOConfig.from_dict(config)
-    warning = sampling_mismatch(config, ctx.store)
+    job = session_settings(ctx.store, PPOJob.from_dict(ctx.config))
+    ppo = PPOConfig.from_dict(job.ppo)
+    warning = sampling_mismatch(job, ctx.store)
     if warning:
         print(f"WARNING: {warning}", flush=True)
     if ppo.seed is not None:
         torch.manual_seed(ppo.seed)
-    options = ModelOptions(source=config.get("model", "embedded"), quantize=config.get("quantize"),
-                           device=config.get("device"))
-    stack = load_stack(options, progress=lambda msg: print(msg, flush=True))
-    start = prepare_stack(stack, ctx.store, config)
-    scorer = load_reward(stack, ctx.store, config, ppo.max_new_tokens)
-    reward = config.get("reward") if isinstance(scorer, RuleScorer) else getattr(scorer, "version", None)
+    stack = load_stack(job.model, progress=lambda msg: print(msg, flush=True))
+    start = prepare_stack(stack, ctx.store, job)
+    scorer = load_reward(stack, ctx.store, job, ppo.max_new_tokens)
+    reward = job.reward if isinstance(scorer, RuleScorer) else getattr(scorer, "version", None)
     # A resumed session keeps its reward's scale, unless it now follows another
     # reward, which is then normalized on the first batch like a new session's.
     normalization = start.normalization if start.reward == reward else None
-    session = PPOSession(stack, scorer, session_prompts(ctx.store, config), ppo, beta=start.beta,
+    session = PPOSession(stack, scorer, session_prompts(ctx.store, job), ppo, beta=start.beta,
                          normalization=normalization)
     if start.state_folder is not None:
         session.load_state(start.state_folder)
-    iterations, minutes = config.get("iterations"), config.get("minutes")
+    iterations, minutes = job.iterations, job.minutes
     if iterations:
         ctx.set_total(start.iteration + int(iterations))
-    save_every = max(1, int(config.get("save_every", 1)))
+    save_every = max(1, job.save_every)
     began = time.monotonic()
     version, done, batch = start.policy_version, 0, None
     pending = False  # an iteration trained but not yet saved

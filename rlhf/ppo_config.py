@@ -1,17 +1,22 @@
 """The settings of a PPO session, ``PPOConfig``: sizes, sampling, the reward,
 optimisation, advantages and the KL penalty, each default with its source or the
-measurement that chose it. A job's config dict holds these keys (and others,
-such as the model, which ``from_dict`` leaves out).
+measurement that chose it; and ``PPOJob``, what a 'ppo' job's config holds (the
+session's extent, the model, the PPOConfig settings given).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
 
+from rlhf.config_fields import from_dict, known, setting
 from rlhf.errors import UserError
-from rlhf.ppo_math import MISSING_EOS_MODES
+from rlhf.model_options import ModelOptions
 from rlhf.sampling_params import SamplingParams
+
+# What becomes of the score of an answer that never emitted EOS (PPOConfig.missing_eos).
+MissingEOS = Literal["off", "replace", "subtract"]
+MISSING_EOS_MODES: tuple[str, ...] = get_args(MissingEOS)
 
 
 @dataclass
@@ -20,58 +25,72 @@ class PPOConfig:
     sources named beside each."""
 
     # -- rollouts
-    batch_size: int = 16            # episodes per iteration (lm-human-preferences: 512; CPU-sized)
-    mini_batch_size: int = 4        # sequences per Adam step (TRL per_device_train_batch_size-like)
-    forward_batch_size: int = 16    # sequences per no-grad forward at rollout (TRL local_rollout_forward_batch_size)
-    epochs: int = 4                 # passes over each batch (TRL num_ppo_epochs, lm-human-preferences noptepochs)
+    # lm-human-preferences: 512 episodes; CPU-sized here.
+    batch_size: int = setting(16, help="episodes per iteration")
+    mini_batch_size: int = setting(4, help="sequences per optimizer step")  # TRL per_device_train_batch_size-like
+    # TRL local_rollout_forward_batch_size.
+    forward_batch_size: int = setting(16, help="sequences per no-grad forward pass at rollout")
+    # TRL num_ppo_epochs, lm-human-preferences noptepochs.
+    epochs: int = setting(4, help="PPO epochs over each batch")
     # How the policy answers: rlhf.sampling_params.SamplingParams, the one definition.
     # A session started without them takes its reward model's (``session_settings``).
-    max_new_tokens: int = SamplingParams.max_new_tokens
-    temperature: float = SamplingParams.temperature   # log-probs use logits / temperature
-    top_p: float = SamplingParams.top_p
+    max_new_tokens: int = setting(SamplingParams.max_new_tokens, help="length budget in tokens (default: as the "
+                                  "reward model's labels were sampled, else %(default)s)")
+    # Log-probs use logits / temperature.
+    temperature: float = setting(SamplingParams.temperature, help="sampling temperature (default: as the reward "
+                                 "model's labels were sampled, else %(default)s)")
+    top_p: float = setting(SamplingParams.top_p, help="nucleus sampling mass, 1.0 = the full distribution (default: "
+                           "as the reward model's labels were sampled, else %(default)s)")
     # -- the reward
     # Normalize a reward model's scores on the session's first rollout batch (a
     # sample of its reference) to mean 0, std 1, so beta means the same in every
     # session (lm-human-preferences). Rules keep their own scale.
-    normalize_reward: bool = True
+    normalize_reward: bool = setting(True, help="normalize a reward model's scores on the first rollout batch")
     # A completion without EOS: 'off' scores it as the reward model reads it (EOS
     # appended, as in training); 'replace' gives it -missing_eos_penalty (OpenAI:
     # -1, where most responses finished); 'subtract' takes the penalty off its
     # score. Off by default: measured on the embedded model, 35% of answers end
     # within 64 tokens (23% within 32), so a penalty drowned the labels and PPO
     # learned "stop early" instead.
-    missing_eos: str = "off"
-    missing_eos_penalty: float = 1.0
+    missing_eos: MissingEOS = setting(
+        "off", help="score of an answer that never emitted EOS: off = the reward model's, replace = -penalty, "
+                    "subtract = score - penalty")
+    missing_eos_penalty: float = setting(1.0, help="the missing-EOS penalty")
     # -- optimisation
     # LoRA trains at ~10x the full-model rate (TRL's 3e-6 is for full weights).
     # Measured on the loop benchmark (`more=\d`, win-rate against the reference,
     # KL on held-out prompts): 1e-4 gave 0.68 at 6.5 nats after 12 iterations;
     # 3e-4 gave 0.68 at 10.1 after 7 and 0.90 at 22 after 12 -- faster, no more
     # preference per nat.
-    learning_rate: float = 1e-4
-    adam_eps: float = 1e-5          # "N implementation details" / lm-human-preferences
-    max_grad_norm: float = 1.0      # TRL (transformers TrainingArguments default)
+    learning_rate: float = setting(1e-4, help="Adam learning rate", aliases=["--lr"])
+    # "N implementation details" / lm-human-preferences.
+    adam_eps: float = setting(1e-5, help="Adam epsilon")
+    # TRL (transformers TrainingArguments default).
+    max_grad_norm: float = setting(1.0, help="gradient norm clip")
     # -- advantages and losses
-    gamma: float = 1.0              # lm-human-preferences / TRL
+    gamma: float = setting(1.0, help="discount")  # lm-human-preferences / TRL
     # lm-human-preferences / TRL. lam = 1 (the whole score on every token, less
     # reliance on the untrained value head) measured no better on the loop
     # benchmark (`more=\d`, 12 iterations): 0.57 against 0.68 win-rate at KL 6.7.
-    lam: float = 0.95
-    clip: float = 0.2               # policy ratio clip (TRL cliprange, lm-human-preferences)
-    clip_value: float = 0.2         # value clip (TRL cliprange_value)
-    vf_coef: float = 0.1            # value loss weight (TRL vf_coef, lm-human-preferences)
+    lam: float = setting(0.95, help="GAE lambda: 1 gives every token the whole score, lower leans on the value "
+                                     "head", aliases=["--gae-lambda"])
+    # TRL cliprange, lm-human-preferences.
+    clip: float = setting(0.2, help="policy ratio clip")
+    clip_value: float = setting(0.2, help="value clip")  # TRL cliprange_value
+    vf_coef: float = setting(0.1, help="value loss weight")  # TRL vf_coef, lm-human-preferences
     # -- the KL penalty
     # Fixed beta; InstructGPT found 0.01-0.02 best, TRL defaults to 0.05. With the
     # score at std 1, beta 0.25 (lr 3e-4) held KL near 6 but learned nothing
     # (0.50 win-rate): in a short session the penalty is not what bounds KL, the
     # number of iterations is.
-    beta: float = 0.05
-    adaptive_kl: bool = False       # lm-human-preferences' proportional controller
-    target_kl: float = 6.0          # nats per sequence (lm-human-preferences)
-    kl_horizon: int = 10_000        # episodes (lm-human-preferences)
+    beta: float = setting(0.05, help="KL coefficient (the starting value with --adaptive-kl)")
+    adaptive_kl: bool = setting(False, help="adapt beta towards --target-kl (lm-human-preferences' proportional "
+                                            "controller)")
+    target_kl: float = setting(6.0, help="target KL in nats per sequence")  # lm-human-preferences
+    kl_horizon: int = setting(10_000, help="the KL controller's horizon in episodes")  # lm-human-preferences
     # -- safety: a ratio this far from 1 means the update blew up
-    max_ratio: float = 10.0
-    seed: int | None = 0
+    max_ratio: float = setting(10.0, help="fail the session when a policy ratio strays this far from 1")
+    seed: int | None = setting(0, help="random seed")
 
     def __post_init__(self) -> None:
         if (self.batch_size < 2 or self.mini_batch_size < 1 or self.mini_batch_size > self.batch_size
@@ -91,6 +110,34 @@ class PPOConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PPOConfig:
-        """The PPO keys of a job config (other keys, such as the model, ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names and v is not None})
+        return from_dict(cls, values, "PPO config")
+
+
+@dataclass
+class PPOJob:
+    """What a 'ppo' job is asked to do, as its row's config holds it: the
+    session's extent and start, the model, and the PPOConfig settings given.
+    Settings not given come from the resumed session, else (sampling) from how
+    the reward model's labels were sampled, else PPOConfig (``session_settings``)."""
+
+    iterations: int | None = None          # the session ends after this many, or
+    minutes: float | None = None           # after the iteration that passes this many minutes
+    reward: int | str | None = None        # a reward version, 'rule:NAME', or None for the latest
+    init_policy_version: int | None = None  # None: the latest policy; 0: the base
+    prompt_file: str | None = None         # prompts from this file instead of the store
+    save_every: int = 1                    # save a policy version every N iterations
+    resume: bool = False                   # continue the last session from its latest checkpoint
+    model: ModelOptions = field(default_factory=ModelOptions)
+    ppo: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        PPOConfig.from_dict(self.ppo)  # a bad or unknown setting fails here, not in the background
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PPOJob:
+        """Read back what ``to_dict`` wrote into the job's row."""
+        session = known(cls, values, "PPO session")
+        return cls(**{**session, "model": ModelOptions.from_dict(session.get("model", {}))})

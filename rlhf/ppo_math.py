@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.ppo_config import MISSING_EOS_MODES
+
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-position entropy of the (temperature-scaled) next-token distribution."""
@@ -58,9 +60,6 @@ def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
     rewards = rewards.clone()
     rewards[torch.arange(len(scores)), last] += scores
     return rewards, kl
-
-
-MISSING_EOS_MODES = ("off", "replace", "subtract")
 
 
 def penalize_missing_eos(scores: torch.Tensor, finished: torch.Tensor, mode: str = "off",

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlhf.errors import UserError
-from rlhf.reward_config import Readout, RewardConfig
+from rlhf.reward_config import Readout, RewardJob
 from rlhf.reward_data import Element, store_elements
 from rlhf.reward_scoring import ADAPTER, normalization_of, score_sequences
 from rlhf.reward_train import train
@@ -76,11 +76,11 @@ def check_pairs(store: Store, sources: str) -> int:
 def run_job(ctx: JobContext) -> None:
     """The 'reward' runner of rlhf.jobs: train, normalize, save a new reward version.
     Only reads pairs: a job that fails leaves every label as it was."""
-    from rlhf.models import ModelOptions, load_stack
+    from rlhf.models import load_stack
 
-    config = RewardConfig.from_dict(ctx.config)
-    stack = load_stack(ModelOptions(source=config.model, quantize=config.quantize, device=config.device),
-                       progress=print)
+    job = RewardJob.from_dict(ctx.config)
+    config = job.reward
+    stack = load_stack(job.model, progress=print)
     elements = store_elements(ctx.store, stack.tokenizer, sources=config.sources, max_length=config.max_length,
                               max_completion_tokens=config.max_completion_tokens)
     started = time.monotonic()

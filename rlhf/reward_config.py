@@ -13,17 +13,19 @@ versions saved before keep the read-out they were trained with (``Readout``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from rlhf.config_fields import from_dict, known, setting
 from rlhf.errors import UserError
-from rlhf.reward_data import SOURCES
+from rlhf.model_options import ModelOptions
 
 if TYPE_CHECKING:
     from rlhf.model_stack import ModelStack
 
-BEST_OF_K_LOSSES = ("softmax", "pairwise")
-
+# Which pairs train: the researcher's own labels, imported pairs, or all.
+Sources = Literal["all", "label", "import"]
+SOURCES: tuple[str, ...] = get_args(Sources)
 
 # Settings of the two ways to train, where the config leaves them unset:
 # - the head alone on the frozen base's features (the default): full-batch Adam,
@@ -32,7 +34,10 @@ BEST_OF_K_LOSSES = ("softmax", "pairwise")
 #   the model, minutes an epoch on a CPU; TRL's RewardConfig uses 1e-4 for LoRA.
 PHASE_DEFAULTS = {"head": {"lr": 1e-3, "max_epochs": 2000, "patience": 50},
                   "finetune": {"lr": 1e-4, "max_epochs": 8, "patience": 2}}
-POOLS = ("mean", "eos")
+Pool = Literal["mean", "eos"]
+POOLS: tuple[str, ...] = get_args(Pool)
+BestOfKLoss = Literal["softmax", "pairwise"]
+BEST_OF_K_LOSSES: tuple[str, ...] = get_args(BestOfKLoss)
 
 
 @dataclass
@@ -47,50 +52,56 @@ class RewardConfig:
     # pairwise accuracy on 40 held-out prompts): the last layer's EOS state holds
     # nothing of the taste (0.50); a third of the way up, the mean holds most
     # (0.90 "more digits", 0.74 "shorter words"; the EOS state there 0.70, 0.69).
-    readout: str = "mean"
-    layer: int | None = None
+    readout: Pool = setting("mean", help="what the head reads: the completion's hidden states averaged, or its "
+                                          "EOS token's")
+    layer: int | None = setting(None, help="read after this many decoder layers (default: a third of the depth)")
     # -- how: the head alone on frozen features (default), or the reward LoRA
     # adapter too (`finetune`, after the head: hundreds of labels and more; fitted
     # on ~50 labels it memorized them, 0.58 held-out).
-    finetune: bool = False
+    finetune: bool = setting(False, help="also train the reward LoRA adapter, after the head (slow on a CPU; for "
+                                         "hundreds of labels and more: on tens it memorizes them)")
     # Passes over the pairs. None: chosen by the held-out loss, up to max_epochs,
     # stopping after `patience` evaluations without improvement and keeping the
     # best state. InstructGPT's "one epoch, more overfits" (sec. 3.5) holds for
     # ~50k comparisons; with 60 it is eight steps and learns nothing (measured:
     # held-out 0.58 on 12 pairs, chance). A number trains exactly that many.
-    epochs: int | None = None
-    max_epochs: int | None = None    # None: PHASE_DEFAULTS
-    patience: int | None = None      # None: PHASE_DEFAULTS
+    epochs: int | None = setting(None, help="exactly this many passes over the pairs (default: as many as the "
+                                            "held-out loss improves, up to --max-epochs)")
+    max_epochs: int | None = setting(None, help="most epochs early stopping may use (default 2000 head epochs, "
+                                                "one step each; 8 with --finetune)")
+    patience: int | None = setting(None, help="stop after this many held-out evaluations without a better loss "
+                                              "(default 50; 2 with --finetune)")
     # Optimizer steps; None = as many as the epochs take. Set it for a fixed budget.
-    steps: int | None = None
+    steps: int | None = setting(None, help="exactly this many optimizer steps")
     # Adam, decaying linearly to 0 over the planned steps (lm-human-preferences).
-    lr: float | None = None          # None: PHASE_DEFAULTS
+    lr: float | None = setting(None, help="Adam learning rate, decaying linearly to 0 (default 1e-3; 1e-4 with "
+                                          "--finetune)")
     # Fine-tuning only: batch elements (comparisons) per forward pass, and passes per
     # optimizer step (gradient accumulation for small memory).
-    batch_size: int = 4
-    accum: int = 2
+    batch_size: int = setting(4, help="--finetune: comparisons per forward pass")
+    accum: int = setting(2, help="--finetune: forward passes per optimizer step")
     # 'softmax': a best-of-K pick as one K-way choice, −log softmax(r)[best] (Ziegler
     # et al. 2019, the lm-human-preferences default); 'pairwise': its K−1 wins as
     # Bradley–Terry pairs. Softmax is the default: it is the likelihood of the pick
     # itself, where K−1 pairs count one decision as K−1 independent ones.
-    best_of_k: str = "softmax"
+    best_of_k: BestOfKLoss = setting("softmax", help="loss for best-of-K picks: softmax over the K rewards, or K-1 "
+                                                     "pairs")
     # Which pairs train: 'all', 'label' (the researcher's own) or 'import'.
-    sources: str = "all"
+    sources: Sources = setting("all", help="train on labeled pairs, imported pairs, or all")
     # Fraction of prompts held out (by prompt-text hash): a fifth, so that a few
     # dozen comparisons leave enough to stop on. Evaluated at every epoch's end
     # and every eval_every steps within a long fine-tuning epoch.
-    eval_fraction: float = 0.2
-    eval_every: int = 20
+    eval_fraction: float = setting(0.2, help="fraction of prompts held out")
+    eval_every: int = setting(20, help="with --finetune: also evaluate every N steps within an epoch (the head "
+                                       "alone is evaluated after every epoch)")
     # Token budget per sequence (prompt is cut from its start first) and per completion.
-    max_length: int = 512
-    max_completion_tokens: int = 256
-    seed: int = 0
-    # The base model (rlhf.models.ModelOptions): 'embedded', a directory or a .gguf.
-    model: str = "embedded"
-    quantize: bool | None = None
-    device: str | None = None
+    max_length: int = setting(512, help="tokens per sequence; a long prompt is cut from its start")
+    max_completion_tokens: int = setting(256, help="tokens per completion")
+    seed: int = setting(0, help="random seed")
 
     def __post_init__(self) -> None:
+        if self.epochs is not None and self.steps is not None:
+            raise UserError("pass --epochs or --steps, not both")
         if self.sources not in SOURCES:
             raise UserError(f"unknown --sources {self.sources!r}: use one of {', '.join(SOURCES)}")
         if self.best_of_k not in BEST_OF_K_LOSSES:
@@ -110,12 +121,7 @@ class RewardConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RewardConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"unknown reward config field(s) {', '.join(unknown)}: "
-                            f"known are {', '.join(sorted(known))}")
-        return cls(**values)
+        return from_dict(cls, values, "reward config")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,6 +141,24 @@ class RewardConfig:
 
     def readout_for(self, stack: ModelStack) -> Readout:
         return Readout(layer=min(self.layer or default_layer(stack.depth), stack.depth), pool=self.readout)
+
+
+@dataclass
+class RewardJob:
+    """What a 'reward' job's config holds: the base model and the training settings."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RewardJob:
+        """Read back what ``to_dict`` wrote into the job's row."""
+        job = known(cls, values, "reward job")
+        return cls(model=ModelOptions.from_dict(job.get("model", {})),
+                   reward=RewardConfig.from_dict(job.get("reward", {})))
 
 
 @dataclass(frozen=True)

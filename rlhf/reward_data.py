@@ -20,9 +20,8 @@ from typing import Any
 
 from rlhf.chat import chat_prompt_ids
 from rlhf.errors import UserError
+from rlhf.reward_config import SOURCES
 from rlhf.store import Store
-
-SOURCES = ("all", "label", "import")
 
 
 @dataclass

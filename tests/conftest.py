@@ -44,7 +44,8 @@ def tiny_stack(tiny_dir):
     """A fresh ModelStack on the tiny model (full precision: fast and deterministic)."""
     import torch
 
-    from rlhf.models import ModelOptions, load_stack
+    from rlhf.model_options import ModelOptions
+    from rlhf.models import load_stack
 
     torch.manual_seed(0)
     return load_stack(ModelOptions(source=tiny_dir, quantize=False, device="cpu"))

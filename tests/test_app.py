@@ -413,7 +413,7 @@ async def test_export_from_the_app(store, tmp_path):
 
 
 async def test_tiny_model_loads_in_a_worker_and_samples(store, tiny_dir):
-    from rlhf.models import ModelOptions
+    from rlhf.model_options import ModelOptions
 
     store.add_prompts(["Say hi.", "Count to three.", "Name a colour."])
     # The first prompt was sampled in an earlier session: it shows before the model is loaded.

@@ -91,7 +91,8 @@ def trained_version(tiny_stack, store, tmp_path):
 
 
 def test_answer_pair_gives_every_token_a_log_ratio(tiny_dir, store, trained_version):
-    from rlhf.models import ModelOptions, load_stack
+    from rlhf.model_options import ModelOptions
+    from rlhf.models import load_stack
 
     stack = load_stack(ModelOptions(source=tiny_dir, quantize=False, device="cpu"))
     load_drift_version(stack, store, trained_version)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.models import ModelOptions, load_stack, resolve_model_dir
+from rlhf.model_options import ModelOptions
+from rlhf.models import load_stack, resolve_model_dir
 from rlhf.sampling import SamplingParams, sample_k
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rlhf.errors import UserError
-from rlhf.models import ModelOptions, load_stack, resolve_model_dir
+from rlhf.model_options import ModelOptions
+from rlhf.models import load_stack, resolve_model_dir
 
 
 def _logits(stack, role: str) -> torch.Tensor:

@@ -4,6 +4,7 @@ rule reward, the job's checkpoints, divergence guard, stop and resume."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from rlhf import ppo_math as pm
 from rlhf.chat import chat_prompt_ids
 from rlhf.errors import UserError
 from rlhf.ppo import prepare_stack
-from rlhf.ppo_config import PPOConfig
+from rlhf.ppo_config import PPOConfig, PPOJob
 from rlhf.ppo_rollout import rule_scorer
 from rlhf.ppo_session import PPOSession
 
@@ -166,11 +167,15 @@ def test_exploding_ratio_stops_before_any_step(tiny_stack):
 # --- the job: checkpoints, NaN, resume ---------------------------------------------------
 
 
-def job_config(tiny_dir, **overrides):
-    config = {"model": tiny_dir, "quantize": False, "device": "cpu", "reward": "rule:distinct",
-              "iterations": 2, "batch_size": 4, "mini_batch_size": 2, "epochs": 1, "max_new_tokens": 4,
-              "seed": 0}
-    return {**config, **overrides}
+def job_config(tiny_dir, ppo=None, **overrides):
+    """A small session on the tiny model, as the job's row holds it."""
+    from rlhf.model_options import ModelOptions
+    from rlhf.ppo_config import PPOJob
+
+    settings = {"batch_size": 4, "mini_batch_size": 2, "epochs": 1, "max_new_tokens": 4, "seed": 0, **(ppo or {})}
+    job = PPOJob(model=ModelOptions(source=tiny_dir, quantize=False, device="cpu"), reward="rule:distinct",
+                 iterations=2, ppo=settings)
+    return replace(job, **overrides).to_dict()
 
 
 def run_in_process(store, db_path, config):
@@ -261,19 +266,19 @@ def test_resume_keeps_the_sessions_reference(store, tiny_stack, tmp_path):
                          meta={"reference_version": 1, "iteration": 5, "beta": 0.07})
     _perturb_policy(tiny_stack, 3)  # the stack now holds something else
 
-    start = prepare_stack(tiny_stack, store, {"resume": True})
+    start = prepare_stack(tiny_stack, store, PPOJob(resume=True))
     assert (start.policy_version, start.reference_version, start.iteration, start.beta) == (2, 1, 5, 0.07)
     assert torch.allclose(_logits(tiny_stack, "policy"), v2_logits, atol=1e-5)
     assert torch.allclose(_logits(tiny_stack, "reference"), v1_logits, atol=1e-5)
 
-    fresh = prepare_stack(tiny_stack, store, {"init_policy_version": 1})
+    fresh = prepare_stack(tiny_stack, store, PPOJob(init_policy_version=1))
     assert (fresh.policy_version, fresh.reference_version) == (1, 1)
     assert torch.allclose(_logits(tiny_stack, "reference"), v1_logits, atol=1e-5)
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(store, tiny_stack):
     with pytest.raises(UserError, match="nothing to resume"):
-        prepare_stack(tiny_stack, store, {"resume": True})
+        prepare_stack(tiny_stack, store, PPOJob(resume=True))
 
 
 def test_a_session_on_a_rule_resumes_without_a_reward_model(store, tmp_path):
@@ -282,9 +287,9 @@ def test_a_session_on_a_rule_resumes_without_a_reward_model(store, tmp_path):
     store.add_prompts(PROMPTS)
     meta = {"reference_version": 0, "reward": "rule:distinct", "config": {}}
     store.add_checkpoint("policy", tmp_path / "v1", parent_version=0, meta=meta)
-    check_can_start(store, {"resume": True, "iterations": 1})  # the session's own rule: nothing to train first
+    check_can_start(store, PPOJob(resume=True, iterations=1))  # the session's own rule: nothing to train first
     with pytest.raises(UserError, match="no reward model"):
-        check_can_start(store, {"iterations": 1})  # a new session needs one
+        check_can_start(store, PPOJob(iterations=1))  # a new session needs one
 
 
 def test_stop_then_resume_continues_from_the_saved_version(store, db_path, tiny_dir):
@@ -326,8 +331,8 @@ async def test_ppo_screen_starts_pauses_stops_and_continues_a_session(store, tin
 
     from workbench.screens.ppo import PPOScreen
 
-    ppo_job = {"reward": "rule:distinct", "iterations": 200, "batch_size": 4, "mini_batch_size": 2, "epochs": 1,
-               "max_new_tokens": 4}  # read by the screen each time a session starts
+    ppo_job = {"reward": "rule:distinct", "iterations": 200,  # read by the screen each time a session starts
+               "ppo": {"batch_size": 4, "mini_batch_size": 2, "epochs": 1, "max_new_tokens": 4}}
     app = make_app(store, stack=tiny_stack, sampler=FakeSampler(), job_defaults={"ppo": ppo_job})
     async with app.run_test(size=(150, 50)) as pilot:
         await pilot.press("f3")
@@ -336,7 +341,7 @@ async def test_ppo_screen_starts_pauses_stops_and_continues_a_session(store, tin
         await wait_for(pilot, lambda: "No PPO session yet" in str(screen.query_one("#ppo-status").render()))
         await pilot.press("s")
         await wait_for(pilot, lambda: len(screen.series.get("objective/kl", [])) >= 1 and screen.rollouts, 90)
-        assert screen.job.config["model"] == tiny_stack.model_dir
+        assert screen.job.config["model"]["source"] == tiny_stack.model_dir
         assert screen.query_one("#ppo-rollouts").row_count == 4
         await pilot.press("p")
         await wait_for(pilot, lambda: screen.job.status == "paused", 60)
@@ -386,7 +391,8 @@ def test_cli_refuses_what_would_fail_in_the_background(store, db_path, capsys):
 def test_4bit_lora_gradients_survive_a_rollout(tiny_dir):
     """A no-grad pass (a rollout) must not switch bitsandbytes' CPU layers to a
     kernel without a backward: the LoRA gradients after one equal those before."""
-    from rlhf.models import ModelOptions, load_stack
+    from rlhf.model_options import ModelOptions
+    from rlhf.models import load_stack
 
     stack = load_stack(ModelOptions(source=tiny_dir, quantize=True, device="cpu"))
     assert stack.quantized
@@ -424,6 +430,33 @@ def test_missing_eos_settings():
     assert pm.penalize_missing_eos(scores, finished, "subtract", 0.5).tolist() == pytest.approx([0.5, -0.7, 0.5])
     with pytest.raises(UserError, match="unknown missing-EOS setting"):
         PPOConfig(missing_eos="sometimes")
+
+
+def test_a_misspelt_setting_is_refused_not_dropped():
+    with pytest.raises(UserError, match="unknown PPO config setting.*betta"):
+        PPOConfig.from_dict({"betta": 0.1})
+    with pytest.raises(UserError, match="unknown PPO config setting.*learning_rat\\b"):
+        PPOJob(ppo={"learning_rat": 1e-3})
+    with pytest.raises(UserError, match="unknown PPO session setting.*iteration\\b"):
+        PPOJob.from_dict({"iteration": 3})
+
+
+def test_cli_options_are_ppoconfigs_fields_and_only_the_given_ones_are_set(capsys):
+    from rlhf.cli import build_parser
+    from rlhf.commands.ppo import session_job
+
+    args = build_parser().parse_args(["ppo", "--lr", "3e-4", "--gae-lambda", "1", "--adaptive-kl", "--kl-horizon",
+                                      "500", "--no-normalize-reward", "--reward", "rule:short"])
+    job = session_job(args)
+    assert job.ppo == {"learning_rate": 3e-4, "lam": 1.0, "adaptive_kl": True, "kl_horizon": 500,
+                       "normalize_reward": False}
+    assert job.reward == "rule:short" and job.iterations == 10 and job.model.source == "embedded"
+    assert PPOJob.from_dict(job.to_dict()) == job  # what the job's row holds reads back the same
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ppo", "--help"])
+    help_text = capsys.readouterr().out
+    assert "episodes per iteration (default 16)" in help_text  # the default, from the dataclass
+    assert "--kl-horizon" in help_text and "--kl_horizon" not in help_text
 
 
 @pytest.mark.parametrize("option", [{"lam": 1.5}, {"lam": -0.1}, {"gamma": 2.0}])
@@ -468,7 +501,7 @@ def test_a_session_normalizes_against_its_own_reference(store, db_path, tiny_dir
     store.add_checkpoint("policy", tmp_path / "v1")
     store.add_prompts(PROMPTS)
     job = run_in_process(store, db_path, job_config(tiny_dir, reward=None, init_policy_version=1, iterations=1,
-                                                    batch_size=8, mini_batch_size=4))
+                                                    ppo={"batch_size": 8, "mini_batch_size": 4}))
     assert job.status == "done", job.error
     series = store.metrics(job.id)
     assert series["objective/scores"][0][1] == pytest.approx(0.0, abs=1e-4)
@@ -489,13 +522,13 @@ def test_a_new_session_samples_as_its_reward_models_labels_were_sampled(store, t
 
     register_reward_model(tiny_stack, store, tmp_path / "rm",
                           sampling={"temperature": 0.9, "top_p": 0.8, "max_new_tokens": 5})
-    settings = session_settings(store, {"reward": None, "iterations": 1})
-    assert (settings["temperature"], settings["top_p"], settings["max_new_tokens"]) == (0.9, 0.8, 5)
+    settings = session_settings(store, PPOJob(reward=None, iterations=1))
+    assert (settings.ppo["temperature"], settings.ppo["top_p"], settings.ppo["max_new_tokens"]) == (0.9, 0.8, 5)
     assert sampling_mismatch(settings, store) is None
-    chosen = session_settings(store, {"reward": None, "max_new_tokens": 7})
-    assert chosen["max_new_tokens"] == 7 and chosen["temperature"] == 0.9
+    chosen = session_settings(store, PPOJob(reward=None, ppo={"max_new_tokens": 7}))
+    assert chosen.ppo["max_new_tokens"] == 7 and chosen.ppo["temperature"] == 0.9
     assert "max_new_tokens 7 (labels: 5)" in sampling_mismatch(chosen, store)
-    assert session_settings(store, {"reward": "rule:distinct"}).get("max_new_tokens") is None  # a rule: defaults
+    assert session_settings(store, PPOJob(reward="rule:distinct")).ppo.get("max_new_tokens") is None  # a rule: defaults
 
 
 # --- the divergence guard, after the last step too ----------------------------------------

@@ -189,9 +189,17 @@ def test_renormalization_gives_reference_samples_mean_zero_std_one(tiny_stack):
 # --- as a background job -----------------------------------------------------------------
 
 
-def job_config(tiny_dir, **overrides):
-    return {"model": tiny_dir, "quantize": False, "device": "cpu", "lr": 2e-3, "batch_size": 8, "accum": 1,
-            "eval_fraction": 0.25, "eval_every": 2, **overrides}
+def job_config(tiny_dir, **settings):
+    """Reward training on the tiny model, as the job's row holds it."""
+    return tiny_reward_job(tiny_dir, lr=2e-3, batch_size=8, accum=1, eval_fraction=0.25, eval_every=2, **settings)
+
+
+def tiny_reward_job(tiny_dir, **settings):
+    from rlhf.model_options import ModelOptions
+    from rlhf.reward_config import RewardConfig, RewardJob
+
+    return RewardJob(model=ModelOptions(source=tiny_dir, quantize=False, device="cpu"),
+                     reward=RewardConfig(**settings)).to_dict()
 
 
 def wait_for_step(store, job_id, step, timeout=60.0):
@@ -334,8 +342,7 @@ def test_a_few_dozen_rule_labels_train_a_reward_model_that_beats_chance_held_out
     its count; the version records how its completions were sampled and the
     length check."""
     rule_labeled_store(store, 36)
-    job_id = store.create_job("reward", {"model": tiny_dir, "quantize": False, "device": "cpu", "lr": 2e-3,
-                                         "sources": "label"})
+    job_id = store.create_job("reward", tiny_reward_job(tiny_dir, lr=2e-3, sources="label"))
     jobs.run(db_path, job_id)
     job = store.job(job_id)
     assert job.status == "done", job.error
@@ -358,7 +365,7 @@ def test_a_trained_version_is_saved_before_a_later_step_can_fail(store, db_path,
         raise RuntimeError("the scoring pass after training failed")
 
     monkeypatch.setattr(rlhf.reward, "completion_scores", broken)
-    job_id = store.create_job("reward", {"model": tiny_dir, "quantize": False, "device": "cpu", "steps": 2})
+    job_id = store.create_job("reward", tiny_reward_job(tiny_dir, steps=2))
     assert jobs.run(db_path, job_id) == 1
     assert "scoring pass after training failed" in store.job(job_id).error
     saved = store.checkpoint("reward")

@@ -18,7 +18,7 @@ TINY_JOB = {"lr": 2e-3, "batch_size": 8, "accum": 1, "eval_fraction": 0.25, "eva
 async def test_train_screen_cancels_then_trains_with_live_plots(store, tiny_stack):
     synthetic_pairs(store, 24)
     reward_job = {**TINY_JOB, "steps": 100000}  # read by the screen each time a job starts
-    app = make_app(store, stack=tiny_stack, sampler=FakeSampler(), job_defaults={"reward": reward_job})
+    app = make_app(store, stack=tiny_stack, sampler=FakeSampler(), job_defaults={"reward": {"reward": reward_job}})
     async with app.run_test(size=(140, 40)) as pilot:
         await pilot.press("f2")
         await wait_for(pilot, lambda: isinstance(app.screen, TrainScreen))
@@ -27,7 +27,7 @@ async def test_train_screen_cancels_then_trains_with_live_plots(store, tiny_stac
 
         await pilot.press("s")
         await wait_for(pilot, lambda: screen.job is not None and screen.job.step >= 2, 90)
-        assert screen.job.config["model"] == tiny_stack.model_dir
+        assert screen.job.config["model"]["source"] == tiny_stack.model_dir
         await pilot.press("c")
         await wait_for(pilot, lambda: screen.job.status == "cancelled", 30)
         assert "cancelled" in str(screen.query_one("#train-status").render())
@@ -101,7 +101,7 @@ async def test_label_screen_scores_agreement_and_disagreements(store, tiny_stack
 
 async def test_completions_shown_before_the_model_loads_are_scored_once_it_has(store, tiny_stack, tiny_dir,
                                                                                db_path):
-    from rlhf.models import ModelOptions
+    from rlhf.model_options import ModelOptions
     from workbench.app import WorkbenchApp
 
     seed_labels(store)

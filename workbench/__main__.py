@@ -75,11 +75,12 @@ def run(args: argparse.Namespace, db_path: Path) -> int:
     from workbench.app import WorkbenchApp
     from workbench.model_host import quiet_libraries
 
-    check_model_source(args.model)
-    pick_device(args.device)  # --device cuda without a GPU: one line now, not an error on screen later
+    model = model_options(args)
+    check_model_source(model.source)
+    pick_device(model.device)  # --device cuda without a GPU: one line now, not an error on screen later
     with Store(db_path) as store, AppLock(store.path):
         quiet_libraries()
-        app = WorkbenchApp(store, k=args.k, labeler=args.labeler, model=model_options(args))
+        app = WorkbenchApp(store, k=args.k, labeler=args.labeler, model=model)
         app.run()
     return app.return_code or 0
 

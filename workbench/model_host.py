@@ -29,6 +29,7 @@ from textual.dom import DOMNode
 from textual.worker import NoActiveWorker, Worker, WorkerCancelled, get_current_worker
 
 from rlhf.errors import UserError
+from rlhf.model_options import ModelOptions
 from rlhf.rows import Completion
 from rlhf.sampling_params import SamplingParams
 from rlhf.store import Store
@@ -47,7 +48,6 @@ from workbench.messages import (
 )
 
 if TYPE_CHECKING:
-    from rlhf.models import ModelOptions
     from rlhf.reward_eval import LabeledPairScore
     from rlhf.reward_scoring import RewardScorer
 
@@ -126,14 +126,14 @@ class ModelHost:
         """A model is loaded and a reward version exists (a cheap store read)."""
         return self.stack is not None and bool(self.store.checkpoints("reward"))
 
-    def base_model(self) -> dict[str, Any]:
-        """The base model as a job config names it (a job loads its own copy)."""
+    def base_model(self) -> ModelOptions:
+        """The base model, for a job to load its own copy of."""
         if self.options is not None:
-            return {"model": self.options.source, "quantize": self.options.quantize, "device": self.options.device}
+            return self.options
         if self.stack is not None:
-            return {"model": self.stack.model_dir, "quantize": self.stack.quantized,
-                    "device": self.stack.device.type}
-        return {}
+            return ModelOptions(source=self.stack.model_dir, quantize=self.stack.quantized,
+                                device=self.stack.device.type)
+        return ModelOptions()
 
     # -- loading and the policy version
 

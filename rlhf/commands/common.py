@@ -8,16 +8,18 @@ before a database opens or a model loads.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from rlhf.config_fields import from_dict
 from rlhf.locations import DEFAULT_DB_NAME
 from rlhf.store import Store
 
 if TYPE_CHECKING:
-    from rlhf.models import ModelOptions
+    from rlhf.model_options import ModelOptions
 
 
 class Parser(argparse.ArgumentParser):
@@ -89,20 +91,64 @@ def add_db_option(parser: argparse.ArgumentParser, note: str = "") -> None:
              f"user's data directory, e.g. ~/.local/share/rlhf-workbench/){note}")
 
 
+def config_options(cls: type, *, types: dict[str, Callable[[str], Any]] | None = None) -> argparse.ArgumentParser:
+    """A parent parser with one option per field of the settings dataclass
+    ``cls``, built by ``transformers.HfArgumentParser`` from the fields (names,
+    types, choices, help in the metadata; ``--lr``-style aliases too). Pass it as
+    ``parents=[...]`` to ``add_parser``.
+
+    An option left out stays out of the namespace (its default is SUPPRESS), so
+    ``given_settings`` tells what was given: a PPO session takes what is not
+    from its reward model or the session it resumes. The help says the field's
+    default instead. HfArgumentParser types an option by its annotation only;
+    ``types`` puts back a range check while parsing, before a model loads.
+    (The parent's own option table keeps the snake_case spellings; only the
+    option strings copied into the child count.)"""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(cls, add_help=False)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for action in parser._actions:
+        if action.dest not in defaults:
+            continue
+        # One spelling, with dashes, as every other option of `rlhf` (HfArgumentParser adds --snake_case too).
+        action.option_strings = [o for o in action.option_strings
+                                 if not ("_" in o and o.replace("_", "-") in action.option_strings)]
+        default = defaults[action.dest]
+        if isinstance(action, argparse._StoreFalseAction):  # the --no-X twin of a bool that defaults to True
+            action.help = f"turn off --{action.dest.replace('_', '-')}"
+        elif "%(default)s" in (action.help or ""):
+            action.help = action.help.replace("%(default)s", str(default))
+        elif "(default" not in (action.help or "") and default is not None:  # an explained default keeps its words
+            action.help = f"{action.help} (default {default})"
+        action.default = argparse.SUPPRESS
+        if types and action.dest in types and action.type is not None:
+            action.type = types[action.dest]
+    return parser
+
+
+def given_settings(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` given on the command line (see ``config_options``)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model / --no-4bit / --device, the same for every command that loads a model."""
-    parser.add_argument("--model", default="embedded",
-                        help="base model: 'embedded' (SmolLM2-135M-Instruct, the default), a model "
-                             "directory, a .gguf file, or a hub id")
+    """--model / --no-4bit / --device, the same for every command that loads a
+    model; the help is ModelOptions' own. Spelt by hand rather than through
+    ``config_options``: `--model` and `--no-4bit` read better than the field
+    names (source, quantize) and every command has always taken them."""
+    from rlhf.model_options import ModelOptions
+
+    about = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(ModelOptions)}
+    parser.add_argument("--model", dest="source", default=None, help=about["source"])
     parser.add_argument("--no-4bit", dest="quantize", action="store_false", default=None,
                         help="load the base in full precision instead of 4-bit NF4")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    parser.add_argument("--device", default=None, help=about["device"])
 
 
-def add_sampling_options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
-    """--temperature / --top-p / --max-new-tokens: how the policy answers. With
-    ``defaults`` an unset option takes rlhf.sampling.SamplingParams' value, else it
-    stays None (PPO then takes its reward model's definition)."""
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """--temperature / --top-p / --max-new-tokens: how the policy answers
+    (rlhf.sampling_params.SamplingParams, whose defaults they take)."""
     from rlhf.sampling_params import SamplingParams
 
     base = SamplingParams()
@@ -110,14 +156,13 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, defaults: bool = Tr
             ("--temperature", positive, base.temperature, "sampling temperature"),
             ("--top-p", fraction, base.top_p, "nucleus sampling mass (1.0 = the full distribution)"),
             ("--max-new-tokens", at_least(1), base.max_new_tokens, "length budget in tokens")):
-        note = f"default {value}" if defaults else f"default: as the reward model's labels were sampled, else {value}"
-        parser.add_argument(flag, type=kind, default=value if defaults else None, help=f"{about} ({note})")
+        parser.add_argument(flag, type=kind, default=value, help=f"{about} (default {value})")
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
-    from rlhf.models import ModelOptions  # here: torch takes seconds to import, `rlhf --help` none
+    from rlhf.model_options import ModelOptions
 
-    return ModelOptions(source=args.model, quantize=args.quantize, device=args.device)
+    return from_dict(ModelOptions, {"source": args.source, "quantize": args.quantize, "device": args.device}, "model")
 
 
 # --- running a command ------------------------------------------------------------------

@@ -10,48 +10,28 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rlhf.commands.common import add_model_options, at_least, model_options, open_db, say
+from rlhf.commands.common import add_model_options, at_least, config_options, given_settings, model_options, open_db, positive, say
 from rlhf.errors import UserError
 from rlhf.rows import Job
 from rlhf.text_input import error_summary
 
+if TYPE_CHECKING:
+    from rlhf.reward_config import RewardJob
+
 
 def register(sub: argparse._SubParsersAction) -> None:
 
-    p = sub.add_parser("train-reward", help="train a reward model on the recorded pairs (a background job)")
-    length = p.add_mutually_exclusive_group()
-    p.add_argument("--finetune", action="store_true", default=None,
-                   help="also train the reward LoRA adapter, after the head (slow on a CPU; for hundreds of "
-                        "labels and more: on tens it memorizes them)")
-    p.add_argument("--readout", choices=("mean", "eos"), default=None,
-                   help="what the head reads: the completion's hidden states averaged (default), or its EOS token's")
-    p.add_argument("--layer", type=int, default=None,
-                   help="read after this many decoder layers (default: a third of the depth)")
-    length.add_argument("--epochs", type=int, default=None,
-                        help="exactly this many passes over the pairs (default: as many as the held-out loss "
-                             "improves, up to --max-epochs)")
-    length.add_argument("--steps", type=int, default=None, help="exactly this many optimizer steps")
-    p.add_argument("--max-epochs", type=int, default=None,
-                   help="most epochs early stopping may use (default 2000 head epochs, one step each; 8 with "
-                        "--finetune)")
-    p.add_argument("--patience", type=int, default=None,
-                   help="stop after this many held-out evaluations without a better loss (default 50; 2 with "
-                        "--finetune)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate, decaying linearly to 0 (default 1e-3; 1e-4 with --finetune)")
-    p.add_argument("--batch-size", type=int, default=None, help="--finetune: comparisons per forward pass (default 4)")
-    p.add_argument("--accum", type=int, default=None, help="--finetune: forward passes per optimizer step (default 2)")
-    p.add_argument("--sources", choices=("all", "label", "import"), default=None,
-                   help="train on labeled pairs, imported pairs, or all (default all)")
-    p.add_argument("--best-of-k", choices=("softmax", "pairwise"), default=None,
-                   help="loss for best-of-K picks: softmax over the K rewards (default) or K-1 pairs")
-    p.add_argument("--eval-every", type=int, default=None,
-                   help="with --finetune: also evaluate every N steps within an epoch (default 20; "
-                        "the head alone is evaluated after every epoch)")
-    p.add_argument("--eval-fraction", type=float, default=None, help="fraction of prompts held out (default 0.2)")
-    p.add_argument("--seed", type=int, default=None)
+    from rlhf.reward_config import RewardConfig
+
+    # The training settings come from RewardConfig's fields; a range check while
+    # parsing where a value could only fail in the background.
+    settings = config_options(RewardConfig, types={
+        name: at_least(1) for name in ("layer", "epochs", "steps", "max_epochs", "patience", "batch_size", "accum",
+                                       "eval_every", "max_length", "max_completion_tokens")} | {"lr": positive})
+    p = sub.add_parser("train-reward", parents=[settings],
+                       help="train a reward model on the recorded pairs (a background job)")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                    help="follow the job and print its progress (default); --no-wait returns at once")
     add_model_options(p)
@@ -65,19 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval_reward)
 
 
-def job_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The RewardConfig fields given on the command line (the rest keep their defaults)."""
-    from rlhf.reward_config import RewardConfig
+def reward_job(args: argparse.Namespace) -> RewardJob:
+    """The job from the options; settings not given keep RewardConfig's defaults.
+    Bad values fail here, before a process starts."""
+    from rlhf.reward_config import RewardConfig, RewardJob
 
-    given = {"finetune": args.finetune, "readout": args.readout, "layer": args.layer,
-             "epochs": args.epochs, "steps": args.steps, "max_epochs": args.max_epochs, "patience": args.patience,
-             "lr": args.lr, "batch_size": args.batch_size, "accum": args.accum, "sources": args.sources,
-             "best_of_k": args.best_of_k, "eval_every": args.eval_every, "eval_fraction": args.eval_fraction,
-             "seed": args.seed,
-             "model": args.model, "quantize": args.quantize, "device": args.device}
-    config = {k: v for k, v in given.items() if v is not None}
-    RewardConfig.from_dict(config)  # bad values fail here, before a process starts
-    return config
+    return RewardJob(model=model_options(args), reward=RewardConfig.from_dict(given_settings(args, RewardConfig)))
 
 
 def progress_line(job: Job, step: int, metrics: dict[str, float]) -> str:
@@ -116,10 +89,10 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
     from rlhf import jobs
     from rlhf.reward import check_pairs
 
-    config = job_config(args)
+    job = reward_job(args)
     with open_db(args) as store:
-        check_pairs(store, config.get("sources", "all"))
-        job_id = jobs.start_job(store, "reward", config)
+        check_pairs(store, job.reward.sources)
+        job_id = jobs.start_job(store, "reward", job.to_dict())
         print(f"started reward job {job_id}; log in {jobs.log_path(store.path, job_id)}")
         if not args.wait:
             return 0

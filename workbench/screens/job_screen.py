@@ -11,8 +11,8 @@ Nothing here waits on training, so labeling can go on in another mode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 from textual import work
@@ -140,9 +140,14 @@ class JobScreen(WorkbenchScreen, Generic[Snap]):
     # -- starting and steering a job
 
     def full_config(self, options: dict[str, Any]) -> dict[str, Any]:
-        """A job config: the options chosen on screen, the app's base model, and
-        the screen's job defaults over both."""
-        return {**options, **self.wb.model_host.base_model(), **self.job_defaults}
+        """A job config, shaped as the job's row holds it: the options chosen on
+        screen, the app's base model, and the screen's job defaults over both
+        (a nested settings dict is merged key by key)."""
+        config = {**options, "model": asdict(self.wb.model_host.base_model())}
+        for key, value in self.job_defaults.items():
+            both = isinstance(value, Mapping) and isinstance(config.get(key), Mapping)
+            config[key] = {**config[key], **value} if both else value
+        return config
 
     def start(self, config: dict[str, Any]) -> None:
         if self.job is not None and self.job.active:

@@ -205,10 +205,10 @@ class PPOScreen(JobScreen[Snapshot]):
     def job_config(self, *, resume: bool = False) -> dict[str, Any]:
         """A PPO job config: the chosen options and the app's base model."""
         return self.full_config({"iterations": self.query_one("#ppo-iterations", Select).value,
-                                 "beta": self.query_one("#ppo-beta", Select).value,
-                                 "adaptive_kl": self.query_one("#ppo-adaptive", Checkbox).value,
                                  "reward": self.query_one("#ppo-reward", Select).value or None,
-                                 "resume": resume})
+                                 "resume": resume,
+                                 "ppo": {"beta": self.query_one("#ppo-beta", Select).value,
+                                         "adaptive_kl": self.query_one("#ppo-adaptive", Checkbox).value}})
 
     def action_start(self) -> None:
         self.start(self.job_config(resume=False))
@@ -218,12 +218,12 @@ class PPOScreen(JobScreen[Snapshot]):
 
     def launch(self, config: dict[str, Any]) -> None:
         from rlhf.ppo import sampling_mismatch, session_settings, start_session
-        from rlhf.ppo_config import PPOConfig
+        from rlhf.ppo_config import PPOJob
 
-        PPOConfig.from_dict(config)
-        job_id = start_session(self.wb.store, config)
-        mismatch = sampling_mismatch(session_settings(self.wb.store, config), self.wb.store)
-        self.notify(f"PPO job {job_id} {'continuing the last session' if config.get('resume') else 'started'}")
+        job = PPOJob.from_dict(config)
+        job_id = start_session(self.wb.store, job)
+        mismatch = sampling_mismatch(session_settings(self.wb.store, job), self.wb.store)
+        self.notify(f"PPO job {job_id} {'continuing the last session' if job.resume else 'started'}")
         if mismatch:
             self.notify(f"Warning: {mismatch}", severity="warning", timeout=12)
 

@@ -158,10 +158,10 @@ class TrainScreen(JobScreen[Snapshot]):
     # -- actions
 
     def job_config(self) -> dict[str, Any]:
-        """A RewardConfig dict: the chosen options and the app's base model."""
+        """A reward job's config: the chosen options and the app's base model."""
         epochs = self.query_one("#train-epochs", Select).value
-        return self.full_config({"sources": self.query_one("#train-sources", Select).value,
-                                 "epochs": None if epochs == AUTO else epochs})
+        return self.full_config({"reward": {"sources": self.query_one("#train-sources", Select).value,
+                                            "epochs": None if epochs == AUTO else epochs}})
 
     def action_start(self) -> None:
         self.start(self.job_config())
@@ -169,10 +169,11 @@ class TrainScreen(JobScreen[Snapshot]):
     def launch(self, config: dict[str, Any]) -> None:
         from rlhf import jobs
         from rlhf.reward import check_pairs
-        from rlhf.reward_config import RewardConfig
+        from rlhf.reward_config import RewardJob
 
-        check_pairs(self.wb.store, RewardConfig.from_dict(config).sources)
-        job_id = jobs.start_job(self.wb.store, "reward", config)
+        job = RewardJob.from_dict(config)
+        check_pairs(self.wb.store, job.reward.sources)
+        job_id = jobs.start_job(self.wb.store, "reward", job.to_dict())
         self.notify(f"started reward job {job_id}")
 
     def action_cancel(self) -> None:
