@@ -26,7 +26,7 @@ from torch import nn
 
 from rlhf.errors import UserError
 from rlhf.locations import cache_dir
-from rlhf.model_options import EMBEDDED, LoraSettings, ModelOptions
+from rlhf.model_options import EMBEDDED, ModelOptions
 from rlhf.model_stack import ModelStack, compute_dtype
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,9 @@ from rlhf.errors import UserError
 from rlhf.model_options import ModelOptions
 from rlhf.sampling_params import SamplingParams
 
+# A session's length when neither iterations nor minutes are given.
+DEFAULT_ITERATIONS = 10
+
 # What becomes of the score of an answer that never emitted EOS (PPOConfig.missing_eos).
 MissingEOS = Literal["off", "replace", "subtract"]
 MISSING_EOS_MODES: tuple[str, ...] = get_args(MissingEOS)

@@ -29,6 +29,7 @@ from rlhf.sampling import Sample  # noqa: E402
 from rlhf.store import Store  # noqa: E402
 from workbench.app import WorkbenchApp  # noqa: E402
 from workbench.screens.label import LabelScreen  # noqa: E402
+from rlhf.preferences import record_label  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +87,23 @@ def synthetic_pairs(store, n: int, seed: int = 0, word: str = "banana") -> None:
 
 
 PROMPTS = ["First prompt?", "Second prompt?", "Third prompt?", "Fourth prompt?"]
+
+
+# --- drift labels: a completion per policy version, labeled as the drift view does
+
+
+def add_completion(store: Store, prompt_id: int, version: int, text: str) -> int:
+    """A finished one-token completion of policy ``version``."""
+    return store.add_completions(prompt_id, [{"text": text, "n_tokens": 1, "finish_reason": "eos",
+                                              "policy_version": version}])[0]
+
+
+def drift_label(store: Store, versions_shown: list[int], kind: str, choice: list[int] | None = None,
+                prompt: str = "p") -> None:
+    """A drift label over one answer of each version shown, in that order."""
+    prompt_id = store.add_prompt(prompt)
+    ids = [add_completion(store, prompt_id, v, f"answer of v{v}") for v in versions_shown]
+    record_label(store, prompt_id, ids, kind, choice, purpose="drift")
 
 
 class FakeSampler:

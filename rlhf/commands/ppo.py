@@ -25,7 +25,7 @@ PROGRESS = (("objective/scores", "score", "{:.3f}"), ("objective/scores_std", "s
 
 def register(sub: argparse._SubParsersAction) -> None:
 
-    from rlhf.ppo_config import PPOConfig
+    from rlhf.ppo_config import DEFAULT_ITERATIONS, PPOConfig
 
     # The PPO settings come from PPOConfig's fields; a range check while parsing
     # where a value could only fail in the background.
@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ppo", parents=[settings], help="run a short KL-regularized PPO session in the background",
                        description="Start (or with --resume, continue) a PPO session as a background job. "
                                    "Each iteration saves the policy as a new version.")
-    p.add_argument("--iterations", type=at_least(1), default=None, help="iterations in this session (default 10 "
+    p.add_argument("--iterations", type=at_least(1), default=None, help="iterations in this session (default "
+                                                                  f"{DEFAULT_ITERATIONS} "
                                                                   "unless --minutes is given)")
     p.add_argument("--minutes", type=positive, default=None, help="stop after the iteration that passes M minutes")
     p.add_argument("--reward", default=None,
@@ -62,9 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def session_job(args: argparse.Namespace) -> PPOJob:
     """The job from the options; PPO settings not given are left to the session
     (``rlhf.ppo.session_settings``)."""
-    from rlhf.ppo_config import PPOConfig, PPOJob
+    from rlhf.ppo_config import DEFAULT_ITERATIONS, PPOConfig, PPOJob
 
-    iterations = 10 if args.iterations is None and args.minutes is None else args.iterations
+    iterations = DEFAULT_ITERATIONS if args.iterations is None and args.minutes is None else args.iterations
     reward = args.reward
     if reward is not None and not reward.startswith("rule:"):
         if not reward.isdigit():

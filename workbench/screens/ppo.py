@@ -19,6 +19,7 @@ from textual.containers import Grid, Horizontal
 from textual.widgets import Button, Checkbox, DataTable, Label, ProgressBar, Select, Static
 from textual_plotext import PlotextPlot
 
+from rlhf.ppo_config import DEFAULT_ITERATIONS, PPOConfig
 from rlhf.rows import Job
 from rlhf.store import Store
 from workbench.job_follow import Series
@@ -37,9 +38,17 @@ PLOTS = (("plot-score", "score", "objective/scores"), ("plot-kl", "KL (nats/seq)
          # how many answers finished: TRL's val/num_eos_tokens, as a fraction.
          ("plot-length", "mean length (tokens)", "val/completion_tokens"),
          ("plot-eos", "ended with EOS", "val/eos_fraction"))
+# The screen's settings start at the session defaults (rlhf.ppo_config).
+DEFAULT = PPOConfig()
 ROLLOUT_COLUMNS = ("prompt", "completion", "score", "KL")
 REWARD_CHOICES = (("reward model (latest)", ""), ("rule: short answers ending in EOS", "rule:short"),
                   ("rule: distinct tokens", "rule:distinct"))
+
+
+
+def choices(*values: float) -> list[tuple[str, float]]:
+    """Select options for these values, the default among them, once each, in order."""
+    return [(f"{v:g}", v) for v in sorted(set(values))]
 
 
 @dataclass
@@ -74,11 +83,12 @@ class PPOScreen(JobScreen[Snapshot]):
         yield Static("", id="ppo-status", markup=False)
         with Horizontal(id="ppo-controls"):
             yield Label("iterations", classes="ppo-label")
-            yield Select([(str(n), n) for n in (5, 10, 20, 50)], value=10, allow_blank=False, id="ppo-iterations")
+            yield Select(choices(5, DEFAULT_ITERATIONS, 20, 50), value=DEFAULT_ITERATIONS, allow_blank=False,
+                         id="ppo-iterations")
             yield Label("beta", classes="ppo-label")
-            yield Select([(str(b), b) for b in (0.01, 0.02, 0.05, 0.1)], value=0.05, allow_blank=False,
+            yield Select(choices(0.01, 0.02, DEFAULT.beta, 0.1), value=DEFAULT.beta, allow_blank=False,
                          id="ppo-beta")
-            yield Checkbox("adaptive KL", id="ppo-adaptive")
+            yield Checkbox("adaptive KL", DEFAULT.adaptive_kl, id="ppo-adaptive")
             yield Select(list(REWARD_CHOICES), value="", allow_blank=False, id="ppo-reward")
             yield Button("Start", id="ppo-start", variant="primary")
             yield Button("Pause", id="ppo-pause")

@@ -17,6 +17,7 @@ from textual.containers import Horizontal
 from textual.widgets import Button, Label, ProgressBar, Select, Static
 from textual_plotext import PlotextPlot
 
+from rlhf.reward_config import RewardConfig
 from rlhf.rows import Checkpoint, Job
 from rlhf.stats import rate_text
 from rlhf.store import Store
@@ -67,8 +68,8 @@ class TrainScreen(JobScreen[Snapshot]):
         yield Static("", id="train-status", markup=False)
         with Horizontal(id="train-controls"):
             yield Label("pairs", classes="train-label")
-            yield Select([("all", "all"), ("labeled", "label"), ("imported", "import")], value="all",
-                         allow_blank=False, id="train-sources")
+            yield Select([("all", "all"), ("labeled", "label"), ("imported", "import")],
+                         value=RewardConfig().sources, allow_blank=False, id="train-sources")
             yield Label("epochs", classes="train-label")
             yield Select(EPOCH_CHOICES, value=AUTO, allow_blank=False, id="train-epochs")
             yield Button("Start", id="train-start", variant="primary")

@@ -15,7 +15,7 @@ from rlhf.exchange_import import PreferencePair, import_file, parse_row, read_pr
 from rlhf.preferences import record_label
 from rlhf.store import Store
 
-HH_SAMPLE = Path(__file__).parents[2] / "shared" / "data" / "hh-harmless-sample.jsonl"
+HH_SAMPLE = Path(__file__).parents[3] / "shared" / "data" / "hh-harmless-sample.jsonl"
 needs_hh = pytest.mark.skipif(not HH_SAMPLE.exists(),
                               reason=f"{HH_SAMPLE} is absent (the shared data folder beside the repo)")
 MULTI_TURN = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.\n\nAssistant:"

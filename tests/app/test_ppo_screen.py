@@ -1,0 +1,50 @@
+"""The PPO screen in front of a real PPO job on the tiny model: start, pause,
+resume, stop and continue reach the job, and its plots and rollouts fill."""
+
+from __future__ import annotations
+
+from conftest import FakeSampler, make_app, wait_for
+
+from workbench.screens.ppo import PPOScreen
+
+
+async def test_ppo_screen_starts_pauses_stops_and_continues_a_session(store, tiny_stack):
+    """The real job behind the screen: plots fill, the rollouts table shows the
+    latest batch, and start / pause / resume / stop / continue reach the job."""
+    ppo_job = {"reward": "rule:distinct", "iterations": 200,  # read by the screen each time a session starts
+               "ppo": {"batch_size": 4, "mini_batch_size": 2, "epochs": 1, "max_new_tokens": 4}}
+    app = make_app(store, stack=tiny_stack, sampler=FakeSampler(), job_defaults={"ppo": ppo_job})
+    async with app.run_test(size=(150, 50)) as pilot:
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: isinstance(app.screen, PPOScreen))
+        screen: PPOScreen = app.screen
+        await wait_for(pilot, lambda: "No PPO session yet" in str(screen.query_one("#ppo-status").render()))
+        await pilot.press("s")
+        await wait_for(pilot, lambda: len(screen.series.get("objective/kl", [])) >= 1 and screen.rollouts, 90)
+        assert screen.job.config["model"]["source"] == tiny_stack.model_dir
+        assert screen.query_one("#ppo-rollouts").row_count == 4
+        await pilot.press("p")
+        await wait_for(pilot, lambda: screen.job.status == "paused", 60)
+        assert "r resumes" in str(screen.query_one("#ppo-status").render())
+        step = screen.job.step
+        await pilot.press("r")
+        await wait_for(pilot, lambda: screen.job.status == "running" and screen.job.step > step, 60)
+        await pilot.press("e")
+        await wait_for(pilot, lambda: screen.job.status == "cancelled", 60)
+        stopped_at = store.checkpoint("policy")
+        assert stopped_at is not None
+
+        ppo_job["iterations"] = 1
+        await pilot.press("c")
+        await wait_for(pilot, lambda: screen.job.id != stopped_at.job_id and screen.job.status == "done",
+                        90)
+        latest = store.checkpoint("policy")
+        assert latest.parent_version == stopped_at.version
+        assert latest.meta["reference_version"] == 0
+        # every plotted metric arrived, and the event loop stayed free
+        for name in ("objective/scores", "objective/kl", "beta", "objective/entropy", "policy/clipfrac",
+                     "val/completion_tokens", "val/eos_fraction"):
+            assert screen.series[name]
+        assert "EOS 0%" in screen.status_text() and "length 4" in screen.status_text()
+        await pilot.press("f1")
+        await wait_for(pilot, lambda: not isinstance(app.screen, PPOScreen))
