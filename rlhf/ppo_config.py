@@ -17,6 +17,10 @@ from rlhf.sampling_params import SamplingParams
 # A session's length when neither iterations nor minutes are given.
 DEFAULT_ITERATIONS = 10
 
+# How advantages are estimated (PPOConfig.algorithm).
+Algorithm = Literal["ppo", "rloo"]
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
+
 # What becomes of the score of an answer that never emitted EOS (PPOConfig.missing_eos).
 MissingEOS = Literal["off", "replace", "subtract"]
 MISSING_EOS_MODES: tuple[str, ...] = get_args(MissingEOS)
@@ -27,6 +31,15 @@ class PPOConfig:
     """PPO hyperparameters. Sizes are scaled down for a CPU; the rest follow the
     sources named beside each."""
 
+    # -- the estimator
+    # 'ppo': GAE over the shaped per-token reward with a value head (TRL's PPO,
+    # lm-human-preferences). 'rloo': REINFORCE leave-one-out (Ahmadian et al.
+    # 2024, arXiv 2402.14740; TRL's RLOOTrainer): rloo_k samples per prompt, each
+    # sample's baseline the mean sequence reward of the other k-1, the same
+    # advantage on every token, no value head; the PPO clip and epochs stay.
+    algorithm: Algorithm = setting("ppo", help="advantage estimator: ppo (GAE with a value head) or rloo "
+                                               "(leave-one-out baseline over --rloo-k samples per prompt)")
+    rloo_k: int = setting(4, help="rloo: samples per prompt (the batch size must be a multiple)")
     # -- rollouts
     # lm-human-preferences: 512 episodes; CPU-sized here.
     batch_size: int = setting(16, help="episodes per iteration")
@@ -107,6 +120,11 @@ class PPOConfig:
             raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
         if not (0 <= self.lam <= 1 and 0 <= self.gamma <= 1):
             raise UserError(f"GAE lambda and gamma must be in [0, 1], got {self.lam} and {self.gamma}")
+        if self.algorithm not in ALGORITHMS:
+            raise UserError(f"unknown algorithm {self.algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+        if self.algorithm == "rloo" and (self.rloo_k < 2 or self.batch_size % self.rloo_k):
+            raise UserError(f"rloo needs at least 2 samples per prompt and a batch size that is a multiple of "
+                            f"them: got --rloo-k {self.rloo_k} and --batch-size {self.batch_size}")
         if self.missing_eos not in MISSING_EOS_MODES:
             raise UserError(f"unknown missing-EOS setting {self.missing_eos!r}: use one of "
                             f"{', '.join(MISSING_EOS_MODES)}")

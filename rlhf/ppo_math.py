@@ -79,6 +79,17 @@ def penalize_missing_eos(scores: torch.Tensor, finished: torch.Tensor, mode: str
     raise ValueError(f"unknown missing-EOS mode {mode!r}; expected one of {MISSING_EOS_MODES}")
 
 
+def rloo_advantages(scores: torch.Tensor, kl: torch.Tensor, beta: float, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024; TRL's RLOOTrainer): the
+    sequence reward R = score - beta * sum_t kl_t, less the mean R of the other
+    k-1 samples of the same prompt. The batch holds its prompts' samples in
+    consecutive groups of ``k``. Returns one advantage per sequence."""
+    rewards = scores - beta * kl.sum(1)
+    groups = rewards.view(-1, k)
+    baseline = (groups.sum(1, keepdim=True) - groups) / (k - 1)
+    return (groups - baseline).reshape(-1)
+
+
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                 gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation over the completion tokens.

@@ -10,7 +10,10 @@ One iteration, top to bottom (``PPOSession.iteration``):
    pi_bar's log-probs, the reference's log-probs and the value head's values,
    all from logits / temperature;
 3. shape the per-token reward -beta*(log pi - log pi_ref) + score at the last
-   token; GAE (gamma 1, lambda 0.95); whiten the advantages over the batch;
+   token; GAE (gamma 1, lambda 0.95); whiten the advantages over the batch.
+   With ``algorithm='rloo'`` instead: k samples per prompt, each sequence's
+   reward less the mean of its prompt's other k-1, on every token, scaled to
+   unit spread; no value head;
 4. several epochs over shuffled minibatches: clipped ratio pi_theta/pi_bar and a
    clipped value loss, one Adam step per minibatch (``update``);
 5. update beta (fixed, or the adaptive controller).
@@ -113,14 +116,20 @@ class PPOSession:
         keep their own scale)."""
         return self.scorer if self.config.normalize_reward and isinstance(self.scorer, RewardScorer) else None
 
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.config.rloo_k if self.config.algorithm == "rloo" else 1
+
     def next_prompts(self) -> list[str]:
-        """The next batch of prompts: a shuffled pass over all of them, repeated."""
-        batch = []
+        """The next batch of prompts: a shuffled pass over all of them, repeated;
+        each prompt ``samples_per_prompt`` times in a row (RLOO's groups)."""
+        batch: list[str] = []
+        per_prompt = self.samples_per_prompt
         while len(batch) < self.config.batch_size:
             if not self._order:
                 self._order = list(range(len(self.prompts)))
                 self.rng.shuffle(self._order)
-            batch.append(self.prompts[self._order.pop()])
+            batch.extend([self.prompts[self._order.pop()]] * per_prompt)
         return batch
 
     # -- 1-3: experience
@@ -146,9 +155,15 @@ class PPOSession:
                                        self.config.missing_eos_penalty)
 
     def advantages(self, batch: Rollout) -> None:
-        """Shaped rewards, GAE and whitened advantages, stored on the batch."""
+        """Shaped rewards, GAE and whitened advantages (or RLOO's), stored on the batch."""
         batch.rewards, batch.kl = pm.shaped_rewards(batch.scores, batch.logprobs, batch.ref_logprobs,
                                                     batch.mask, self.beta)
+        if self.config.algorithm == "rloo":
+            advantages = pm.rloo_advantages(batch.scores, batch.kl, self.beta, self.config.rloo_k)
+            # Unit spread over the batch, as PPO's whitened advantages, so one learning rate serves both.
+            advantages = advantages / (advantages.std() + 1e-8)
+            batch.advantages = advantages[:, None] * batch.mask
+            return
         advantages, batch.returns = pm.compute_gae(batch.rewards, batch.values, batch.mask,
                                                    self.config.gamma, self.config.lam)
         batch.advantages = pm.masked_whiten(advantages, batch.mask)
@@ -173,12 +188,14 @@ class PPOSession:
                     logprobs, logits, values = completion_forward(stack, batch.ids[rows], batch.attention[rows],
                                                                   batch.tokens[rows], batch.context, cfg.temperature)
                 pg_loss, pg = pm.policy_loss(logprobs, batch.logprobs[rows], batch.advantages[rows], mask, cfg.clip)
-                vf_loss, vf_clipfrac = pm.value_loss(values, batch.values[rows], batch.returns[rows], mask,
-                                                     cfg.clip_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                step = {"loss/policy": float(pg_loss.detach()), "loss/value": float(vf_loss.detach()),
-                        "val/ratio": float(pg["ratio"]), "policy/clipfrac": float(pg["clipfrac"]),
-                        "policy/approxkl": float(pg["approxkl"]), "val/clipfrac": float(vf_clipfrac)}
+                step = {"loss/policy": float(pg_loss.detach()), "val/ratio": float(pg["ratio"]),
+                        "policy/clipfrac": float(pg["clipfrac"]), "policy/approxkl": float(pg["approxkl"])}
+                loss = pg_loss
+                if cfg.algorithm == "ppo":  # RLOO has no value head to train
+                    vf_loss, vf_clipfrac = pm.value_loss(values, batch.values[rows], batch.returns[rows], mask,
+                                                         cfg.clip_value)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    step.update({"loss/value": float(vf_loss.detach()), "val/clipfrac": float(vf_clipfrac)})
                 self._check(step, iteration, float(pg["ratio_geometric"]))
                 if self.on_minibatch:
                     self.on_minibatch(step)
@@ -293,7 +310,6 @@ class PPOSession:
             "objective/entropy": float((-batch.logprobs * batch.mask).sum(1).mean()),
             "objective/non_score_reward": non_score,
             "objective/rlhf_reward": float(scores.mean()) + non_score,
-            "val/var_explained": pm.explained_variance(batch.values, batch.returns, batch.mask),
             "val/num_eos_tokens": float(sum(finished)),
             "val/eos_fraction": sum(finished) / len(finished),
             "val/penalized_fraction": (0.0 if self.config.missing_eos == "off"
@@ -301,6 +317,8 @@ class PPOSession:
             "val/completion_tokens": float(lengths.mean()),
             "beta": beta,
         }
+        if batch.returns.numel():  # PPO's value head; RLOO has none
+            metrics["val/var_explained"] = pm.explained_variance(batch.values, batch.returns, batch.mask)
         corr = correlation(scores.tolist(), lengths.tolist())
         if corr is not None:  # undefined when every answer has the same length
             metrics["val/score_length_corr"] = corr

@@ -59,6 +59,14 @@ def test_shaped_reward_puts_score_on_last_token():
     assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 3.0], [0.0, 5.0 - 0.1, 0.0]]))
 
 
+def test_rloo_baseline_is_the_mean_of_the_other_samples_of_the_prompt():
+    scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    kl = torch.tensor([[0.5, 0.5], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    # beta 0.5: sequence rewards 0.5, 2, 5 | 0, 0, 3; baselines (2+5)/2, (0.5+5)/2, (0.5+2)/2 | 1.5, 1.5, 0
+    advantages = pm.rloo_advantages(scores, kl, beta=0.5, k=3)
+    assert advantages.tolist() == pytest.approx([0.5 - 3.5, 2 - 2.75, 5 - 1.25, -1.5, -1.5, 3.0])
+
+
 def test_clipped_policy_loss():
     adv = torch.tensor([[1.0, -1.0]])
     old = torch.zeros(1, 2)
@@ -153,6 +161,33 @@ def test_a_few_iterations_raise_the_score_with_bounded_kl(peaked_stack):
     assert after > before + 0.05, (before, after)
     assert kls[0] == pytest.approx(0.0, abs=1e-5)
     assert max(kls) < 5.0, kls  # nats per sequence of 8 tokens, with beta 0.05
+
+
+def test_rloo_samples_each_prompt_k_times_and_raises_the_score(peaked_stack):
+    """RLOO: the batch holds each prompt rloo_k times in a row, no value head
+    trains, and the same six iterations as PPO's test raise the score."""
+    torch.manual_seed(0)
+    config = small_config(batch_size=16, epochs=4, max_new_tokens=8, learning_rate=2e-3, beta=0.05,
+                          algorithm="rloo", rloo_k=4)
+    scorer = rule_scorer("rule:distinct", peaked_stack.tokenizer.eos_token_id, config.max_new_tokens)
+    session = PPOSession(peaked_stack, scorer, PROMPTS, config)
+    prompts = session.next_prompts()
+    assert len(prompts) == 16 and all(len(set(prompts[i:i + 4])) == 1 for i in range(0, 16, 4))
+    assert len(set(prompts)) == 4
+    before = session.rollout(PROMPTS * 16).scores.mean().item()
+    history = [session.iteration(i)[0] for i in range(1, 7)]
+    after = session.rollout(PROMPTS * 16).scores.mean().item()
+    assert after > before + 0.05, (before, after)
+    assert peaked_stack.value_head.weight.abs().sum().item() == 0  # untouched: RLOO has no value head
+    assert "loss/value" not in history[0] and "val/var_explained" not in history[0]
+    assert max(m["objective/kl"] for m in history) < 5.0
+
+
+def test_rloo_needs_whole_groups():
+    with pytest.raises(UserError, match="multiple"):
+        PPOConfig(algorithm="rloo", rloo_k=3, batch_size=16)
+    with pytest.raises(UserError, match="unknown algorithm"):
+        PPOConfig(algorithm="dpo")
 
 
 def test_exploding_ratio_stops_before_any_step(tiny_stack):
