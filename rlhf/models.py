@@ -237,12 +237,21 @@ def _quiet_bitsandbytes() -> None:
 # --- a tiny model for fast tests -------------------------------------------------
 
 
-def tiny_model_dir(out: Path | None = None, *, seed: int = 0) -> str:
-    """A small random Llama with the embedded model's tokenizer, built from a
-    config (no download). Same architecture, so every code path is exercised."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+# Architectures a tiny test model can have: the embedded model's (Llama), and
+# two more families a user may pass as --model (tests/engine/test_architectures.py).
+TINY_ARCHITECTURES = ("llama", "qwen2", "mistral")
 
-    out = Path(out) if out else cache_dir() / "models" / f"tiny-llama-{seed}"
+
+def tiny_model_dir(out: Path | None = None, *, seed: int = 0, arch: str = "llama") -> str:
+    """A small random model with the embedded model's tokenizer, built from a
+    config (no download). Llama by default, the embedded model's architecture,
+    so every code path is exercised; ``arch`` picks another family."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if arch not in TINY_ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {arch!r}: one of {', '.join(TINY_ARCHITECTURES)}")
+    name = f"tiny-llama-{seed}" if arch == "llama" else f"tiny-{arch}-{seed}"
+    out = Path(out) if out else cache_dir() / "models" / name
     if (out / "model.safetensors").exists():
         return str(out)
     tok_dir = cache_dir() / "models" / "smollm2-tokenizer"
@@ -251,14 +260,14 @@ def tiny_model_dir(out: Path | None = None, *, seed: int = 0) -> str:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tok.save_pretrained(tok_dir)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = AutoConfig.for_model(
+        arch, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=0,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
