@@ -28,6 +28,7 @@ import psutil
 
 from rlhf.database import now
 from rlhf.errors import UserError
+from rlhf.job_metrics import Board, board_dir
 from rlhf.locations import checkpoints_dir
 from rlhf.rows import Job
 from rlhf.store import Store
@@ -53,6 +54,7 @@ class JobContext:
     job_id: int
     config: dict[str, Any]
     db_path: Path
+    board: Board | None = None  # TensorBoard event files, when tensorboard is installed
     _paused_s: float = field(default=0.0, repr=False)
 
     @property
@@ -62,6 +64,8 @@ class JobContext:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record one step's metrics (also the job's heartbeat and step counter)."""
         self.store.log_metrics(self.job_id, step, metrics)
+        if self.board is not None:
+            self.board.log(step, metrics)
 
     def set_total(self, total_steps: int) -> None:
         self.store.update_job(self.job_id, total_steps=total_steps)
@@ -221,7 +225,8 @@ def run(db_path: Path, job_id: int) -> int:
     store = Store(db_path, create=False)  # a job never starts a database of its own
     job = store.job(job_id)
     store.update_job(job_id, status="running", pid=os.getpid(), started_at=now(), heartbeat_at=now())
-    ctx = JobContext(store=store, job_id=job_id, config=job.config, db_path=Path(db_path))
+    ctx = JobContext(store=store, job_id=job_id, config=job.config, db_path=Path(db_path),
+                     board=Board(board_dir(Path(db_path), job_id, job.kind)))
     try:
         _runner(job.kind)(ctx)
     except JobCancelled:
@@ -236,6 +241,8 @@ def run(db_path: Path, job_id: int) -> int:
         store.update_job(job_id, status="failed", error=f"{type(e).__name__}: {first}"[:500],
                          finished_at=now())
         return 1
+    finally:
+        ctx.board.close()
     store.update_job(job_id, status="done", finished_at=now(), control=None)
     return 0
 

@@ -1,18 +1,24 @@
 """`rlhf stats` (what the database holds) and `rlhf jobs` (background jobs:
-status, why one failed, where its log is)."""
+status, why one failed, where its log is; `rlhf jobs metrics JOB` what one logged)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from rlhf.commands.common import open_db
+from rlhf.commands.common import open_db, say
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("jobs", help="background jobs (reward training, PPO): status, reason for a failure, log")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_jobs)
+    metrics = p.add_subparsers(dest="jobs_command", metavar="metrics").add_parser(
+        "metrics", help="a job's metrics, a row per step (also in TensorBoard when it is installed)")
+    metrics.add_argument("job", type=int, help="job id (`rlhf jobs` lists them)")
+    metrics.add_argument("--csv", action="store_true", help="comma-separated, for a spreadsheet or pandas")
+    metrics.set_defaults(func=cmd_job_metrics)
 
     p = sub.add_parser("stats", help="counts of prompts, labels, pairs and versions")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -31,6 +37,28 @@ def cmd_stats(args: argparse.Namespace) -> int:
     width = max(len(k) for k in stats)
     for key, value in stats.items():
         print(f"{key.replace('_', ' '):<{width}}  {value}")
+    return 0
+
+
+def cmd_job_metrics(args: argparse.Namespace) -> int:
+    from rlhf.job_metrics import board_dir, metrics_table, table_csv
+
+    with open_db(args) as store:
+        kind = store.job(args.job).kind
+        header, rows = metrics_table(store, args.job)
+        board = board_dir(store.path, args.job, kind)
+    if args.csv:
+        sys.stdout.write(table_csv(header, rows))
+        return 0
+    if not rows:
+        print(f"job {args.job} logged no metrics yet")
+        return 0
+    cells = [header] + [[str(r[0])] + [f"{v:.4g}" if isinstance(v, float) else str(v) for v in r[1:]] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+    if board.exists():
+        say(f"TensorBoard: tensorboard --logdir {board.parent}")
     return 0
 
 
