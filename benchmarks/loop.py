@@ -1,6 +1,7 @@
 """The whole loop, headless, with a scripted labeler: does the policy learn the taste?
 
-    python benchmarks/loop.py [--rules RULE ...] [--prompts 60] [--iterations N] [--quick]
+    python benchmarks/loop.py [--rules RULE ...] [--algorithms ppo rloo] [--prompts 60]
+                              [--iterations N] [--quick]
 
 For each rule (a known taste, rlhf.rules), on a fresh database and the embedded
 model, exactly as a user would run it with the `rlhf` command line:
@@ -10,15 +11,17 @@ model, exactly as a user would run it with the `rlhf` command line:
 2. label them by the rule, best of 4 (a tie where the top is shared):
    `rlhf label --rule RULE`, at most N comparisons;
 3. train a reward model on those labels: `rlhf train-reward --sources label`;
-4. run a PPO session against it: `rlhf ppo --wait`;
+4. run a session against it from the base: `rlhf ppo --wait`, once per
+   estimator in ``--algorithms`` (the same labels and reward model for each);
 5. the final policy and the reference answer the held-out prompts
    (sample_prompts/heldout.jsonl, none of them trained on) K times each, and
    every policy answer meets every reference answer by the rule, a tie counting
    half: `rlhf eval-policy --rule RULE`.
 
 Prints the time of each stage, the reward model's held-out accuracy, PPO's score
-and KL per iteration, the win-rate with its interval and the KL per rule, and
-as its last line ``loop winrate=<lowest over the rules> kl=<highest>``.
+and KL per iteration, the win-rate with its interval and the KL per rule and
+estimator, and as its last line ``loop winrate=<lowest over the rules> kl=<highest>``
+for the first estimator listed (the product's default unless told otherwise).
 Defaults run two rules that are not about length, each with the product's own
 defaults except the PPO iteration count. Sized for two CPU cores.
 """
@@ -44,11 +47,16 @@ RULES = (r"more=\b(you|your)\b", r"more=\d")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    sys.path.insert(0, str(ROOT))
+    from rlhf.ppo_config import ALGORITHMS, PPOConfig
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rules", nargs="+", default=list(RULES), help="rules to run the loop for")
     p.add_argument("--prompts", type=int, default=60, help="training prompts, one comparison each (default 60)")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--iterations", type=int, default=16, help="PPO iterations (default 16)")
+    p.add_argument("--algorithms", nargs="+", default=[PPOConfig().algorithm], choices=ALGORITHMS,
+                   help=f"estimators to run on the same labels and reward model (default {PPOConfig().algorithm})")
     p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to judge on (default all)")
     p.add_argument("--reward-args", default="", help="extra `rlhf train-reward` options, quoted")
     p.add_argument("--ppo-args", default="", help="extra `rlhf ppo` options, quoted")
@@ -96,17 +104,24 @@ def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
     stage("sample", "sample", "--k", str(args.k), "--seed", "0", *shlex.split(args.sample_args))
     stage("label", "label", "--rule", rule, "--k", str(args.k), "--limit", str(args.prompts))
     stage("reward", "train-reward", "--sources", "label", *shlex.split(args.reward_args))
-    stage("ppo", "ppo", "--iterations", str(args.iterations), "--wait", *shlex.split(args.ppo_args))
-    limit = ["--limit", str(args.eval_prompts)] if args.eval_prompts else []
-    out = stage("eval", "eval-policy", "--rule", rule, "--k", str(args.k), "--json", *limit,
-                *shlex.split(args.sample_args))
-    result = json.loads(out[out.index("{"):])
     with Store(db) as store:
-        reward = store.checkpoint("reward").meta
-        stats = store.stats()
-        job = store.jobs("ppo")[-1]
-        series = store.metrics(job.id)
-    return {"rule": rule, "times": times, "reward": reward, "stats": stats, "series": series, "eval": result}
+        reward, stats = store.checkpoint("reward").meta, store.stats()
+    shared = dict(times)
+    runs = []
+    for algorithm in args.algorithms:
+        times.clear()
+        times.update(shared)
+        stage("ppo", "ppo", "--iterations", str(args.iterations), "--wait", "--policy-version", "0",
+              "--algorithm", algorithm, *shlex.split(args.ppo_args))
+        with Store(db) as store:
+            job = store.jobs("ppo")[-1]
+            version, series = store.checkpoint("policy").version, store.metrics(job.id)
+        limit = ["--limit", str(args.eval_prompts)] if args.eval_prompts else []
+        out = stage("eval", "eval-policy", "--rule", rule, "--version", str(version), "--k", str(args.k),
+                    "--json", *limit, *shlex.split(args.sample_args))
+        runs.append({"rule": rule, "algorithm": algorithm, "times": dict(times), "reward": reward, "stats": stats,
+                     "series": series, "eval": json.loads(out[out.index("{"):])})
+    return runs
 
 
 def report(run: dict) -> None:
@@ -114,7 +129,7 @@ def report(run: dict) -> None:
 
     rule, reward, ev = run["rule"], run["reward"], run["eval"]
     kinds = run["stats"]["comparisons_by_kind"]
-    print(f"\n### rule {rule}")
+    print(f"\n### rule {rule}, {run['algorithm']}")
     print("stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in run["times"].items())
           + f"; total {sum(run['times'].values()) / 60:.1f} min")
     print(f"labels: {run['stats']['comparisons']} comparisons ({', '.join(f'{n} {k}' for k, n in kinds.items())}), "
@@ -136,22 +151,24 @@ def report(run: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     runs = []
     for rule in args.rules:
         with tempfile.TemporaryDirectory(prefix="rlhf-loop-") as tmp:
             folder = args.keep / re.sub(r"\W+", "_", rule) if args.keep else Path(tmp)
             folder.mkdir(parents=True, exist_ok=True)
-            runs.append(run_rule(rule, args, folder))
-        report(runs[-1])
-    print("\n| rule | comparisons | RM held-out acc | minutes | win-rate | KL |\n|---|---|---|---|---|---|")
+            for run in run_rule(rule, args, folder):
+                runs.append(run)
+                report(run)
+    print("\n| rule | estimator | comparisons | RM held-out acc | minutes | win-rate | KL |\n"
+          "|---|---|---|---|---|---|---|")
     for run in runs:
         ev, reward = run["eval"], run["reward"]
-        print(f"| {run['rule']} | {run['stats']['comparisons']} | {reward['eval_accuracy']:.2f} "
-              f"({reward['eval_pairs']}) | {sum(run['times'].values()) / 60:.1f} | {ev['winrate']:.3f} | "
-              f"{ev['kl']:.2f} |")
-    print(f"loop winrate={min(r['eval']['winrate'] for r in runs):.3f} "
-          f"kl={max(r['eval']['kl'] for r in runs):.2f}")
+        print(f"| {run['rule']} | {run['algorithm']} | {run['stats']['comparisons']} | "
+              f"{reward['eval_accuracy']:.2f} ({reward['eval_pairs']}) | {sum(run['times'].values()) / 60:.1f} | "
+              f"{ev['winrate']:.3f} | {ev['kl']:.2f} |")
+    first = [r for r in runs if r["algorithm"] == args.algorithms[0]]
+    print(f"loop winrate={min(r['eval']['winrate'] for r in first):.3f} "
+          f"kl={max(r['eval']['kl'] for r in first):.2f}")
     return 0
 
 

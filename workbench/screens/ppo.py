@@ -43,7 +43,7 @@ DEFAULT = PPOConfig()
 ROLLOUT_COLUMNS = ("prompt", "completion", "score", "KL")
 REWARD_CHOICES = (("reward model (latest)", ""), ("rule: short answers ending in EOS", "rule:short"),
                   ("rule: distinct tokens", "rule:distinct"))
-
+ALGORITHM_CHOICES = (("PPO", "ppo"), ("RLOO", "rloo"))
 
 
 def choices(*values: float) -> list[tuple[str, float]]:
@@ -90,6 +90,9 @@ class PPOScreen(JobScreen[Snapshot]):
                          id="ppo-beta")
             yield Checkbox("adaptive KL", DEFAULT.adaptive_kl, id="ppo-adaptive")
             yield Select(list(REWARD_CHOICES), value="", allow_blank=False, id="ppo-reward")
+            yield Select(list(ALGORITHM_CHOICES), value=DEFAULT.algorithm, allow_blank=False, id="ppo-algorithm",
+                         tooltip="PPO: GAE with a value head; RLOO: each answer against the other answers to its "
+                                 f"prompt ({DEFAULT.rloo_k} a prompt)")
             yield Button("Start", id="ppo-start", variant="primary")
             yield Button("Pause", id="ppo-pause")
             yield Button("Resume", id="ppo-resume")
@@ -218,7 +221,8 @@ class PPOScreen(JobScreen[Snapshot]):
                                  "reward": self.query_one("#ppo-reward", Select).value or None,
                                  "resume": resume,
                                  "ppo": {"beta": self.query_one("#ppo-beta", Select).value,
-                                         "adaptive_kl": self.query_one("#ppo-adaptive", Checkbox).value}})
+                                         "adaptive_kl": self.query_one("#ppo-adaptive", Checkbox).value,
+                                         "algorithm": self.query_one("#ppo-algorithm", Select).value}})
 
     def action_start(self) -> None:
         self.start(self.job_config(resume=False))
