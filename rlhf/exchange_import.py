@@ -58,6 +58,7 @@ class ImportReport:
     duplicates: int = 0
     errors: list[str] = field(default_factory=list)  # 'file:line: reason'
     source: str = ""  # what the pairs are marked with: 'import:<file name>'
+    prompts: list[str] = field(default_factory=list)  # the file's prompts, once each, in file order
 
 
 # --- conversational rows ------------------------------------------------------------
@@ -293,4 +294,19 @@ def import_file(store: Store, path: str | Path) -> ImportReport:
     pairs, errors = read_preference_file(path)
     source = f"{IMPORT_SOURCE_PREFIX}{path.name}"
     added = store.add_imported_pairs([(p.prompt, p.chosen, p.rejected, p.key) for p in pairs], source)
-    return ImportReport(added=added, duplicates=len(pairs) - added, errors=errors, source=source)
+    return ImportReport(added=added, duplicates=len(pairs) - added, errors=errors, source=source,
+                        prompts=list(dict.fromkeys(p.prompt for p in pairs)))
+
+
+def import_summary(report: ImportReport, path: str | Path) -> str:
+    """The one line `rlhf import` and the workbench's import dialog both report."""
+    return (f"imported {report.added} pairs from {path} as {report.source} "
+            f"({report.duplicates} already there, {len(report.errors)} bad rows skipped)")
+
+
+def offer_for_labeling(store: Store, report: ImportReport) -> int:
+    """Put an import's prompts in the labeling queue (imported prompts stay out of
+    it until asked), their imported pairs kept. Returns how many joined it: those
+    already the researcher's own are not counted."""
+    added, _ = store.add_prompts(report.prompts, source=f"offered:{report.source}")
+    return added

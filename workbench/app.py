@@ -31,7 +31,7 @@ from rlhf.store import Store
 from workbench.commands import WorkbenchCommands
 from workbench.messages import AgreementMeasured, ModelFailed, ModelLoaded, ModelStatus, PolicySwitched
 from workbench.model_host import ModelHost, Sampler
-from workbench.screens.dialogs import ExportDialog, ExportRequest, VersionPicker
+from workbench.screens.dialogs import ExportDialog, ExportRequest, ImportDialog, ImportRequest, VersionPicker
 from workbench.screens.drift import DriftScreen
 from workbench.screens.help import HelpScreen
 from workbench.screens.label import LabelScreen
@@ -63,6 +63,7 @@ class WorkbenchApp(App[None]):
         Binding("f4", "switch_mode('drift')", "Drift", tooltip="Policy vs reference: per-token drift, blind labels"),
         Binding("v", "pick_version", "Version", tooltip="Choose the policy version to sample from"),
         Binding("x", "export", "Export", tooltip="Export recorded pairs (TRL / Parquet / datasets)"),
+        Binding("i", "import", "Import", tooltip="Import preference pairs (TRL / Parquet / datasets / HH-RLHF)"),
         Binding("question_mark", "help", "Help", key_display="?", tooltip="Show the keys and what they record"),
     ]
 
@@ -72,6 +73,8 @@ class WorkbenchApp(App[None]):
     policy_version: reactive[int] = reactive(0)
     # How often the reward model agrees with the labeler, once one exists.
     agreement: reactive[str | None] = reactive(None)
+    # Counts additions to the labeling queue made outside the label screen (an import).
+    prompts_added: reactive[int] = reactive(0)
 
     def __init__(self, store: Store, *, k: int = 4, labeler: str | None = None,
                  model: Any | None = None, stack: Any | None = None, sampler: Sampler | None = None,
@@ -202,6 +205,29 @@ class WorkbenchApp(App[None]):
     def _export(self, request: ExportRequest | None) -> None:
         if request is not None:
             self.run_export(request)
+
+    def action_import(self) -> None:
+        def chosen(request: ImportRequest | None) -> None:
+            if request is not None:
+                self.run_import(request)
+
+        self.push_screen(ImportDialog(), chosen)
+
+    @work(thread=True, group="import", exit_on_error=False)
+    def run_import(self, request: ImportRequest) -> None:
+        """Import as `rlhf import` does, with its report; the prompts join the queue when asked."""
+        from rlhf.exchange_import import import_file, import_summary, offer_for_labeling
+        from rlhf.text_input import error_summary
+
+        report = import_file(self.store, request.path)
+        lines = [import_summary(report, request.path), *error_summary(report.errors)]
+        if request.label_prompts:
+            offered = offer_for_labeling(self.store, report)
+            lines.append(f"{offered} of its {len(report.prompts)} prompts joined the labeling queue")
+            self.call_from_thread(setattr, self, "prompts_added", self.prompts_added + offered)
+        usable = report.added or report.duplicates
+        self.call_from_thread(self.notify, "\n".join(lines), severity="information" if usable else "error",
+                              timeout=10)
 
     @work(thread=True, group="export", exit_on_error=False)
     def run_export(self, request: ExportRequest) -> None:

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    f"{MAX_TEXT_CHARS} characters, two answers equal up to whitespace) are "
                                    "skipped and reported; pairs already there are counted, not added twice.")
     p.add_argument("file", type=Path)
+    p.add_argument("--label-prompts", action="store_true",
+                   help="also put the file's prompts in the labeling queue (imported prompts stay out of it "
+                        "otherwise), to sample and label them yourself")
     p.set_defaults(func=cmd_import)
 
 
@@ -61,13 +64,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from rlhf.exchange_import import import_file
+    from rlhf.exchange_import import import_file, import_summary, offer_for_labeling
 
     with open_db(args) as store:
         report = import_file(store, args.file)
+        offered = offer_for_labeling(store, report) if args.label_prompts else None
     for line in error_summary(report.errors):
         say(line)
-    print(f"imported {report.added} pairs from {args.file} as {report.source} "
-          f"({report.duplicates} already there, {len(report.errors)} bad rows skipped)")
+    print(import_summary(report, args.file))
+    if offered is not None:
+        print(f"{offered} of its {len(report.prompts)} prompts joined the labeling queue")
     # Exit 1 when the file held nothing usable: a script should notice.
     return 1 if report.errors and not (report.added or report.duplicates) else 0

@@ -546,3 +546,47 @@ async def test_a_failing_background_task_is_a_notice_and_the_app_stays_up(store,
         app.run_export(ExportRequest("trl", tmp_path / "x.jsonl", False))
         await wait_for(pilot, lambda: any("export failed: ZeroDivisionError" in n for n in notes))
         assert app.is_running and store.jobs() == []
+
+
+async def test_import_from_the_app_completes_the_path_and_offers_the_prompts(store, tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "preferences.jsonl").write_text(
+        json.dumps({"prompt": "Imported prompt?", "chosen": "good", "rejected": "bad"}) + "\n")
+    (folder / "notes.txt").write_text("not a preference file")
+    app = make_app(store)
+    notes: list[str] = []
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        before = len(screen.deck.prompt_ids)
+        real_notify = app.notify
+        monkeypatch.setattr(app, "notify", lambda message, **kw: (notes.append(message), real_notify(message, **kw)))
+        await pilot.press("i")
+        await wait_for(pilot, lambda: app.screen.query("#import-path"))
+        path_input = app.screen.query_one("#import-path")
+        path_input.value = f"{folder}/"
+        await wait_for(pilot, lambda: path_input._suggestion == f"{folder}/preferences.jsonl")  # before notes.txt
+        await pilot.press("right")  # takes the suggestion
+        assert path_input.value == f"{folder}/preferences.jsonl"
+        app.screen.query_one("#import-label").value = True
+        path_input.focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: any("imported 1 pairs from" in n for n in notes))
+        assert "1 of its 1 prompts joined the labeling queue" in notes[-1]
+        await wait_for(pilot, lambda: len(screen.deck.prompt_ids) == before + 1)
+    assert len(store.pairs()) == 1 and store.prompts()[-1].text == "Imported prompt?"
+
+
+async def test_the_import_dialog_names_a_path_that_is_not_there(store, tmp_path):
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        await shown(pilot, app)
+        await pilot.press("i")
+        await wait_for(pilot, lambda: app.screen.query("#import-path"))
+        app.screen.query_one("#import-path").value = str(tmp_path / "missing.jsonl")
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert "no file or folder" in str(app.screen.query_one("#import-error").render())
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not app.screen.query("#import-path"))
+    assert store.pairs() == []

@@ -36,7 +36,7 @@ from rlhf.reward_eval import LabeledPairScore
 from rlhf.store import PROBE_SOURCE
 from workbench.app import WorkbenchApp
 from workbench.messages import LabeledPairsScored
-from workbench.screens.dialogs import ExportDialog, PromptEditor, RuleDialog, VersionPicker
+from workbench.screens.dialogs import ExportDialog, ImportDialog, PromptEditor, RuleDialog, VersionPicker
 from workbench.screens.disagreements import DisagreementsScreen
 from workbench.screens.drift import DriftScreen
 from workbench.screens.help import HelpScreen
@@ -157,6 +157,21 @@ class TestLabelDialogs:
         async def run_before(pilot: Pilot) -> None:
             await _label_screen_ready(pilot)
             await _open(pilot, "x", ExportDialog)
+
+        assert snap_compare(_app(store), terminal_size=WIDE, run_before=run_before)
+
+    def test_import_dialog_completes_a_path(self, store, tmp_path, snap_compare, monkeypatch):
+        """i: a path typed in part, the rest of a preference file suggested after it."""
+        (tmp_path / "prefs.jsonl").write_text("")
+        monkeypatch.chdir(tmp_path)  # a relative path: the picture does not show the temporary folder
+
+        async def run_before(pilot: Pilot) -> None:
+            await _label_screen_ready(pilot)
+            await _open(pilot, "i", ImportDialog)
+            await pilot.press(*"pre")
+            path = pilot.app.screen.query_one("#import-path")
+            await wait_for(pilot, lambda: path._suggestion == "prefs.jsonl")
+            await pilot.pause()
 
         assert snap_compare(_app(store), terminal_size=WIDE, run_before=run_before)
 

@@ -321,3 +321,29 @@ def test_cli_export_and_its_errors(capsys, db_path, tmp_path):
     assert "label some first or loosen the filters" in capsys.readouterr().err
     assert main(["--db", str(db_path), "export", str(tmp_path / "no" / "p.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_import_can_put_the_files_prompts_in_the_labeling_queue(capsys, cli_db, tmp_path):
+    from rlhf.store import Store
+
+    rows = [{"prompt": "Own prompt?", "chosen": "a", "rejected": "b"},
+            {"prompt": "New prompt?", "chosen": "c", "rejected": "d"},
+            {"prompt": "New prompt?", "chosen": "e", "rejected": "f"}]
+    path = tmp_path / "offer.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with Store(cli_db) as store:
+        store.add_prompt("Own prompt?")
+    db = ["--db", str(cli_db)]
+    assert main([*db, "import", str(path)]) == 0
+    with Store(cli_db) as store:  # imported prompts stay out of the queue unless asked
+        assert [p.text for p in store.prompts()] == ["Own prompt?"]
+    capsys.readouterr()
+    assert main([*db, "import", str(path), "--label-prompts"]) == 0
+    out = capsys.readouterr().out
+    assert "(3 already there, 0 bad rows skipped)" in out
+    assert "1 of its 2 prompts joined the labeling queue" in out  # the own prompt was already there
+    with Store(cli_db) as store:
+        assert [p.text for p in store.prompts()] == ["Own prompt?", "New prompt?"]
+        new = next(p for p in store.prompts() if p.text == "New prompt?")
+        assert new.id in store.unlabeled_prompt_ids()
+        assert len(store.pairs()) == 3  # the imported pairs are kept as they were

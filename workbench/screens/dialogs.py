@@ -1,5 +1,5 @@
-"""Small modal dialogs of the labeling screen: a prompt editor, the export
-form, the policy-version picker and the rule of a scripted labeler. Each returns its answer through ``dismiss``
+"""Small modal dialogs of the labeling screen: a prompt editor, the export and
+import forms, the policy-version picker and the rule of a scripted labeler. Each returns its answer through ``dismiss``
 (None when cancelled)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, 
 from textual.widgets.option_list import Option
 
 from rlhf.text_input import text_problem
+from workbench.widgets.path_suggester import PathSuggester
 
 
 class PromptEditor(ModalScreen[str | None]):
@@ -121,6 +122,57 @@ class ExportDialog(ModalScreen[ExportRequest | None]):
             path=Path(raw).expanduser(),
             conversational=self.query_one("#export-conversational", Checkbox).value,
         ))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+@dataclass
+class ImportRequest:
+    path: Path
+    label_prompts: bool
+
+
+# What rlhf.exchange_import reads, completed first (a datasets folder is a folder).
+IMPORT_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class ImportDialog(ModalScreen[ImportRequest | None]):
+    """A preference file to import, with path completion (right arrow takes it),
+    and whether its prompts join the labeling queue."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="import-dialog"):
+            yield Label("Import preference pairs", classes="dialog-title")
+            yield Label("TRL JSONL or Parquet, a datasets folder, or HH-RLHF transcripts; → completes the path",
+                        classes="dialog-hint")
+            yield Input(placeholder="path/to/preferences.jsonl", suggester=PathSuggester(IMPORT_SUFFIXES),
+                        id="import-path")
+            yield Checkbox("also put its prompts in the labeling queue", id="import-label")
+            yield Label("", id="import-error", classes="dialog-error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Import", variant="primary", id="import")
+                yield Button("Cancel (esc)", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#import-path", Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self._submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self._submit() if event.button.id == "import" else self.action_cancel()
+
+    def _submit(self) -> None:
+        raw = self.query_one("#import-path", Input).value.strip()
+        path = Path(raw).expanduser()
+        if not raw or not path.exists():
+            self.query_one("#import-error", Label).update(f"no file or folder {raw!r}: type a path (→ completes it)"
+                                                          if raw else "give the path of a preference file")
+            return
+        self.dismiss(ImportRequest(path=path, label_prompts=self.query_one("#import-label", Checkbox).value))
 
     def action_cancel(self) -> None:
         self.dismiss(None)

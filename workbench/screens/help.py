@@ -29,6 +29,7 @@ The columns are shuffled for every prompt, so that position tells you nothing.
 | `a` / `e` | add a prompt / edit this one (an edited prompt is resampled) |
 | `v` | choose the policy version completions are sampled from |
 | `x` | export the recorded pairs (TRL JSONL, Parquet, or a datasets folder) |
+| `i` | import preference pairs (TRL JSONL or Parquet, a datasets folder, HH-RLHF); its prompts join the queue if you tick the box |
 | `l` | show or hide the prompt list |
 | `g` | label every comparison waiting for a label by a rule (a scripted labeler with a known taste, recorded as `rule:NAME`): check the whole loop before labeling by hand |
 | `f1`, `f2`, ... | switch between the workbench's screens (see the footer) |

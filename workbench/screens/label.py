@@ -86,6 +86,7 @@ class LabelScreen(LabelKeys, LabelSampling):
         self.watch(self.app, "model_status", self._model_status_changed, init=False)
         self.watch(self.app, "policy_version", self._policy_changed, init=False)
         self.watch(self.app, "agreement", self.set_agreement)
+        self.watch(self.app, "prompts_added", self._prompts_added, init=False)
         self._show_model_state(self.wb.model_state)
         self.show_current()
 
@@ -203,6 +204,13 @@ class LabelScreen(LabelKeys, LabelSampling):
         prompts = self.wb.store.prompts()
         self.query_one(PromptList).fill([(p.id, p.text, self.deck.is_labeled(p.id)) for p in prompts],
                                         self.deck.current_id)
+
+    def _prompts_added(self) -> None:
+        """Prompts joined the queue from elsewhere (an import): show them."""
+        assert self.deck is not None
+        self.deck.reload()
+        self._fill_list()
+        self.show_current()
 
     def _list_mark(self, pid: int) -> None:
         assert self.deck is not None

@@ -41,7 +41,7 @@ PLOTS = (("plot-score", "score", "objective/scores"), ("plot-kl", "KL (nats/seq)
 # The screen's settings start at the session defaults (rlhf.ppo_config).
 DEFAULT = PPOConfig()
 ROLLOUT_COLUMNS = ("prompt", "completion", "score", "KL")
-REWARD_CHOICES = (("reward model (latest)", ""), ("rule: short answers ending in EOS", "rule:short"),
+REWARD_CHOICES = (("reward model (latest)", ""), ("rule: short, ends in EOS", "rule:short"),
                   ("rule: distinct tokens", "rule:distinct"))
 ALGORITHM_CHOICES = (("PPO", "ppo"), ("RLOO", "rloo"))
 
