@@ -1,7 +1,7 @@
 """The whole loop, headless, with a scripted labeler: does the policy learn the taste?
 
-    python benchmarks/loop.py [--rules RULE ...] [--algorithms ppo rloo] [--prompts 60]
-                              [--iterations N] [--quick]
+    python benchmarks/loop.py [--rules RULE ...] [--algorithms ppo rloo] [--best-of 4 16]
+                              [--prompts 60] [--iterations N] [--quick]
 
 For each rule (a known taste, rlhf.rules), on a fresh database and the embedded
 model, exactly as a user would run it with the `rlhf` command line:
@@ -13,6 +13,8 @@ model, exactly as a user would run it with the `rlhf` command line:
 3. train a reward model on those labels: `rlhf train-reward --sources label`;
 4. run a session against it from the base: `rlhf ppo --wait`, once per
    estimator in ``--algorithms`` (the same labels and reward model for each);
+   and, with ``--best-of``, best-of-N of the reference by the same reward model
+   (the baseline a trained policy must beat);
 5. the final policy and the reference answer the held-out prompts
    (sample_prompts/heldout.jsonl, none of them trained on) K times each, and
    every policy answer meets every reference answer by the rule, a tie counting
@@ -57,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=16, help="PPO iterations (default 16)")
     p.add_argument("--algorithms", nargs="+", default=[PPOConfig().algorithm], choices=ALGORITHMS,
                    help=f"estimators to run on the same labels and reward model (default {PPOConfig().algorithm})")
+    p.add_argument("--best-of", type=int, nargs="*", default=[], metavar="N",
+                   help="also judge best-of-N of the reference by the reward model, for each N (e.g. 4 16)")
     p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to judge on (default all)")
     p.add_argument("--reward-args", default="", help="extra `rlhf train-reward` options, quoted")
     p.add_argument("--ppo-args", default="", help="extra `rlhf ppo` options, quoted")
@@ -121,6 +125,14 @@ def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
                     "--json", *limit, *shlex.split(args.sample_args))
         runs.append({"rule": rule, "algorithm": algorithm, "times": dict(times), "reward": reward, "stats": stats,
                      "series": series, "eval": json.loads(out[out.index("{"):])})
+    for n in args.best_of:
+        times.clear()
+        times.update(shared)
+        limit = ["--limit", str(args.eval_prompts)] if args.eval_prompts else []
+        out = stage("eval", "eval-policy", "--rule", rule, "--best-of", str(n), "--k", str(args.k), "--json",
+                    *limit, *shlex.split(args.sample_args))
+        runs.append({"rule": rule, "algorithm": f"best-of-{n}", "times": dict(times), "reward": reward,
+                     "stats": stats, "series": {}, "eval": json.loads(out[out.index("{"):])})
     return runs
 
 
@@ -138,14 +150,16 @@ def report(run: dict) -> None:
     print(f"reward model: held-out accuracy {held}; "
           f"{reward['steps']} steps, {reward['epochs']:.1f} epochs; score~length r = "
           f"{reward['length_corr'] if reward['length_corr'] is None else round(reward['length_corr'], 2)}")
-    print(f"{'iteration':>9}  {'score':>6}  {'kl':>6}  {'eos':>4}  {'len':>5}  {'s':>5}")
     by = {name: dict(points) for name, points in run["series"].items()}
+    if by:
+        print(f"{'iteration':>9}  {'score':>6}  {'kl':>6}  {'eos':>4}  {'len':>5}  {'s':>5}")
     for step in sorted(by.get("objective/scores", {})):
         print(f"{step:>9}  {by['objective/scores'][step]:6.3f}  {by['objective/kl'][step]:6.2f}  "
               f"{by['val/eos_fraction'][step]:4.2f}  {by['val/completion_tokens'][step]:5.1f}  "
               f"{by['time/iteration_s'][step]:5.1f}")
     print(f"held-out: win-rate {ev['winrate']:.3f} (95% CI {ev['winrate_low']:.2f}-{ev['winrate_high']:.2f}) over "
-          f"{ev['prompts']} prompts x {ev['k']}x{ev['k']} pairs; KL {ev['kl']:.2f} nats/seq; mean rule score "
+          f"{ev['prompts']} prompts x {ev['k']}x{ev['k']} pairs; KL {ev['kl']:.2f} nats/seq"
+          f"{' (bound)' if ev.get('best_of') else ''}; mean rule score "
           f"{ev['policy_score']:.2f} (policy) vs {ev['against_score']:.2f} (reference)")
 
 

@@ -12,6 +12,11 @@ taste reached the policy; the KL says what it cost:
 
 estimated on the policy's own answers, both log-probs teacher-forced at the
 sampling temperature (the k1 estimator PPO reports as objective/kl).
+
+Best-of-N is judged the same way: the baseline every trained policy must beat
+(Gao et al. 2022; Beirami et al. 2024, arXiv 2401.01879). Each of its answers is
+the reward model's favourite of N samples of the reference; its KL is the bound
+log N - (N-1)/N, as its likelihood has no token-by-token form to measure.
 """
 
 from __future__ import annotations
@@ -46,6 +51,12 @@ class PolicyEval:
     policy_score: float              # mean rule score of the policy's answers
     against_score: float             # and of the opponent's
     examples: list[dict[str, Any]] = field(default_factory=list)
+    best_of: int | None = None       # best-of-N from the opponent by a reward model, not a trained version
+    reward: int | None = None        # ... and that reward model's version
+
+    @property
+    def name(self) -> str:
+        return f"best-of-{self.best_of} (reward v{self.reward})" if self.best_of else f"v{self.version}"
 
     @property
     def winrate(self) -> float:
@@ -61,15 +72,17 @@ class PolicyEval:
 
     def line(self) -> str:
         low, high = self.interval
-        return (f"v{self.version} vs v{self.against} by rule:{self.rule}: win-rate {self.winrate:.3f} "
+        kl = f"KL {self.kl:.2f} nats/seq" + (" (the best-of-N bound)" if self.best_of else "")
+        return (f"{self.name} vs v{self.against} by rule:{self.rule}: win-rate {self.winrate:.3f} "
                 f"(95% CI {low:.2f}-{high:.2f}) on {len(self.winrates)} prompts x {self.k}x{self.k} pairs; "
-                f"KL {self.kl:.2f} nats/seq; mean rule score {self.policy_score:.3f} vs {self.against_score:.3f}")
+                f"{kl}; mean rule score {self.policy_score:.3f} vs {self.against_score:.3f}")
 
     def as_dict(self) -> dict[str, Any]:
         low, high = self.interval
         return {"rule": self.rule, "version": self.version, "against": self.against, "k": self.k,
                 "prompts": len(self.winrates), "winrate": self.winrate, "winrate_low": low, "winrate_high": high,
-                "kl": self.kl, "policy_score": self.policy_score, "against_score": self.against_score}
+                "kl": self.kl, "policy_score": self.policy_score, "against_score": self.against_score,
+                "best_of": self.best_of, "reward": self.reward}
 
 
 def load_versions(stack: Any, store: Any, version: int, against: int = 0) -> tuple[str, str]:
@@ -98,21 +111,59 @@ def evaluate(stack: Any, prompts: Sequence[str], rule: Rule, params: SamplingPar
         torch.manual_seed(params.seed)
     ours = sample_k(stack, prompts, k, params, role=role)
     theirs = sample_k(stack, prompts, k, params, role=against_role)
-    winrates, kls, our_scores, their_scores, shown = [], [], [], [], []
+    kls = []
+    for prompt, mine in zip(prompts, ours):
+        prompt_ids = chat_prompt_ids(stack.tokenizer, prompt)
+        rows = [s.token_ids or [stack.tokenizer.eos_token_id] for s in mine]
+        under_policy = teacher_forced_logprobs(stack, role, prompt_ids, rows, params.temperature)
+        under_ref = teacher_forced_logprobs(stack, against_role, prompt_ids, rows, params.temperature)
+        kls += [sum(p) - sum(r) for p, r in zip(under_policy, under_ref)]
+    return _judged(prompts, ours, theirs, rule, k=k, version=version, against=against, kl=statistics.fmean(kls),
+                   examples=examples)
+
+
+def best_of_n_kl_bound(n: int) -> float:
+    """KL(best-of-n || reference) <= log n - (n-1)/n nats (Beirami et al. 2024;
+    the value Stiennon et al. 2020 and Gao et al. 2022 use)."""
+    return math.log(n) - (n - 1) / n
+
+
+@torch.no_grad()
+def evaluate_best_of_n(stack: Any, scorer: Any, prompts: Sequence[str], rule: Rule, params: SamplingParams,
+                       n: int, *, k: int = 4, role: str = "base", against: int = 0,
+                       examples: int = 3) -> PolicyEval:
+    """Best-of-``n`` of ``role`` (the reference) by the reward model ``scorer``
+    against ``role`` itself: each of its K answers per prompt is the top-scored
+    of n fresh samples; judged by the rule like a trained version."""
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    pools = sample_k(stack, prompts, k * n, params, role=role)
+    theirs = sample_k(stack, prompts, k, params, role=role)
+    ours = []
+    for prompt, pool in zip(prompts, pools):
+        prompt_ids = chat_prompt_ids(stack.tokenizer, prompt)
+        scores = scorer.raw_ids([prompt_ids] * len(pool), [s.token_ids for s in pool]).tolist()
+        tops = [max(range(start, start + n), key=scores.__getitem__) for start in range(0, k * n, n)]
+        ours.append([pool[i] for i in tops])
+    result = _judged(prompts, ours, theirs, rule, k=k, version=0, against=against, kl=best_of_n_kl_bound(n),
+                     examples=examples)
+    result.best_of, result.reward = n, getattr(scorer, "version", None)
+    return result
+
+
+def _judged(prompts: Sequence[str], ours: Sequence[Sequence[Any]], theirs: Sequence[Sequence[Any]], rule: Rule,
+            *, k: int, version: int, against: int, kl: float, examples: int) -> PolicyEval:
+    """Every answer of ours meets every answer of theirs to the same prompt, by the rule."""
+    winrates, our_scores, their_scores, shown = [], [], [], []
     for prompt, mine, other in zip(prompts, ours, theirs):
         a = [rule(s.text, s.token_ids, s.finish_reason == "eos") for s in mine]
         b = [rule(s.text, s.token_ids, s.finish_reason == "eos") for s in other]
         winrates.append(pairwise_winrate(a, b))
         our_scores += a
         their_scores += b
-        prompt_ids = chat_prompt_ids(stack.tokenizer, prompt)
-        rows = [s.token_ids or [stack.tokenizer.eos_token_id] for s in mine]
-        under_policy = teacher_forced_logprobs(stack, role, prompt_ids, rows, params.temperature)
-        under_ref = teacher_forced_logprobs(stack, against_role, prompt_ids, rows, params.temperature)
-        kls += [sum(p) - sum(r) for p, r in zip(under_policy, under_ref)]
         if len(shown) < examples:
             shown.append({"prompt": prompt, "policy": mine[0].text, "against": other[0].text,
                           "policy_score": a[0], "against_score": b[0]})
-    return PolicyEval(rule=rule.name, version=version, against=against, k=k, winrates=winrates,
-                      kl=statistics.fmean(kls), policy_score=statistics.fmean(our_scores),
-                      against_score=statistics.fmean(their_scores), examples=shown)
+    return PolicyEval(rule=rule.name, version=version, against=against, k=k, winrates=winrates, kl=kl,
+                      policy_score=statistics.fmean(our_scores), against_score=statistics.fmean(their_scores),
+                      examples=shown)
