@@ -111,15 +111,21 @@ def evaluate(stack: Any, prompts: Sequence[str], rule: Rule, params: SamplingPar
         torch.manual_seed(params.seed)
     ours = sample_k(stack, prompts, k, params, role=role)
     theirs = sample_k(stack, prompts, k, params, role=against_role)
-    kls = []
-    for prompt, mine in zip(prompts, ours):
-        prompt_ids = chat_prompt_ids(stack.tokenizer, prompt)
-        rows = [s.token_ids or [stack.tokenizer.eos_token_id] for s in mine]
-        under_policy = teacher_forced_logprobs(stack, role, prompt_ids, rows, params.temperature)
-        under_ref = teacher_forced_logprobs(stack, against_role, prompt_ids, rows, params.temperature)
-        kls += [sum(p) - sum(r) for p, r in zip(under_policy, under_ref)]
+    kls = [kl for prompt, mine in zip(prompts, ours)
+           for kl in sequence_kls(stack, prompt, mine, role, against_role, params.temperature)]
     return _judged(prompts, ours, theirs, rule, k=k, version=version, against=against, kl=statistics.fmean(kls),
                    examples=examples)
+
+
+def sequence_kls(stack: Any, prompt: str, samples: Sequence[Any], role: str, against_role: str,
+                 temperature: float) -> list[float]:
+    """log pi(a) - log pi_ref(a) of each sampled answer a of ``role`` (its KL
+    estimate, in nats per sequence), both teacher-forced at the sampling temperature."""
+    prompt_ids = chat_prompt_ids(stack.tokenizer, prompt)
+    rows = [s.token_ids or [stack.tokenizer.eos_token_id] for s in samples]
+    under_policy = teacher_forced_logprobs(stack, role, prompt_ids, rows, temperature)
+    under_ref = teacher_forced_logprobs(stack, against_role, prompt_ids, rows, temperature)
+    return [sum(p) - sum(r) for p, r in zip(under_policy, under_ref)]
 
 
 def best_of_n_kl_bound(n: int) -> float:

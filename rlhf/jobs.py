@@ -37,6 +37,7 @@ from rlhf.store import Store
 RUNNERS: dict[str, str] = {
     "reward": "rlhf.reward:run_job",
     "ppo": "rlhf.ppo:run_job",
+    "dpo": "rlhf.dpo:run_job",
 }
 POLL_S = 0.5
 

@@ -78,6 +78,9 @@ def resume_checkpoint(store: Any) -> Checkpoint:
     last = store.checkpoint("policy")
     if last is None or "reference_version" not in last.meta:
         raise UserError("nothing to resume: no PPO checkpoint yet; start a session with `rlhf ppo`")
+    if last.meta.get("method"):  # trained by another method (DPO): no PPO state to go on from
+        raise UserError(f"nothing to resume: the latest policy (v{last.version}) was trained by "
+                        f"{last.meta['method'].upper()}; a new session (`rlhf ppo`) starts from it")
     return last
 
 
