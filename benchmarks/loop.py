@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", type=Path, default=None, help="keep each rule's database under this folder")
     p.add_argument("--quick", action="store_true", help="a smoke run: 8 prompts, 2 iterations, 4 held-out prompts")
     args = p.parse_args(argv)
+    if any(n < 2 for n in args.best_of):
+        p.error("--best-of: each N must be at least 2")
     if args.quick:
         args.prompts, args.iterations, args.eval_prompts = 8, 2, 4
     return args

@@ -57,8 +57,6 @@ def run_job(ctx: Any) -> None:
                         max_completion_tokens=config.max_completion_tokens)
     if not pairs:
         raise UserError("no preference pairs for DPO: label some comparisons first")
-    per_epoch = -(-len(pairs) // config.batch_size)
-    ctx.set_total(per_epoch * config.epochs)
     kl_prompts = list(dict.fromkeys(p.prompt for p in pairs))[:config.kl_prompts]
     params = SamplingParams()  # the one definition: as the labels were sampled
 
@@ -70,7 +68,7 @@ def run_job(ctx: Any) -> None:
                 answers = sample_k(stack, kl_prompts, 1, params, role="policy")
             kls = [kl for prompt, row in zip(kl_prompts, answers)
                    for kl in sequence_kls(stack, prompt, row, "policy", "reference", params.temperature)]
-        kl = sum(kls) / len(kls) if kls else float("nan")
+        kl = sum(kls) / len(kls) if kls else None  # --kl-prompts 0: not measured
         folder = ctx.checkpoint_root / "policy" / f"dpo-job{ctx.job_id}-epoch{epoch}"
         meta = {"job_id": ctx.job_id, "iteration": epoch, "method": METHOD, "reference_version": reference,
                 "kl": kl, "eval_accuracy": held.get("eval/rewards/accuracies"),
@@ -79,11 +77,13 @@ def run_job(ctx: Any) -> None:
         parent, version = version, ctx.store.add_checkpoint("policy", folder, job_id=ctx.job_id,
                                                             parent_version=version, meta=meta)
         stack.policy_version = version
-        print(f"epoch {epoch}: saved policy version {version} (from v{parent}); KL {kl:.3f}; held-out "
-              f"accuracy {held.get('eval/rewards/accuracies', float('nan')):.2f}", flush=True)
-        return {"objective/kl": kl}
+        print(f"epoch {epoch}: saved policy version {version} (from v{parent}); KL "
+              f"{'not measured' if kl is None else f'{kl:.3f}'}; held-out accuracy "
+              f"{held.get('eval/rewards/accuracies', float('nan')):.2f}", flush=True)
+        return {"epoch_end": float(epoch)} | ({} if kl is None else {"objective/kl": kl})
 
-    train_dpo(stack, pairs, config, log=ctx.log, checkpoint=ctx.checkpoint, on_epoch=on_epoch)
+    train_dpo(stack, pairs, config, log=ctx.log, checkpoint=ctx.checkpoint, set_total=ctx.set_total,
+              on_epoch=on_epoch)
 
 
 def start_policy(stack: Any, store: Any, version: int | None) -> int:

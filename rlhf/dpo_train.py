@@ -116,6 +116,7 @@ class DPOResult:
 def train_dpo(stack: ModelStack, pairs: Sequence[Pair], config: DPOConfig, *,
               log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
               checkpoint: Callable[[], None] = lambda: None,
+              set_total: Callable[[int], None] = lambda n: None,
               on_epoch: Callable[[int, dict[str, float]], dict[str, float]] = lambda epoch, held: {}) -> DPOResult:
     """Epochs of Adam steps on the policy adapter over the training pairs. After
     each epoch the held-out pairs' loss and accuracy go to ``on_epoch`` (the job
@@ -123,6 +124,9 @@ def train_dpo(stack: ModelStack, pairs: Sequence[Pair], config: DPOConfig, *,
     with them at the epoch's last step, in one row set (a follower never sees a
     step half written)."""
     train, held = split_by_prompt(pairs, config.eval_fraction)  # by prompt, as the reward model's split
+    if not train:  # one prompt, held out: train on it, with no held-out figure
+        train, held = list(pairs), []
+    set_total(-(-len(train) // config.batch_size) * config.epochs)
     params = stack.adapter_parameters("policy")
     for p in params:
         p.requires_grad_(True)

@@ -199,7 +199,8 @@ class ModelStack:
         state = get_peft_model_state_dict(self.peft, adapter_name=name)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / ADAPTER_FILE)
         self.peft_config(name).save_pretrained(str(tmp))
-        record = {"lora": asdict(self.lora), "role": name, "base": self.model_dir, "meta": meta or {}}
+        record = {"lora": asdict(self.lora), "role": name, "base": self.model_dir, "quantized": self.quantized,
+                  "meta": meta or {}}
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2))
         heads = {"value": self.value_head} if name == "policy" else {"reward": self.reward_head}
         save_file({f"{h}.{k}": v.detach().cpu().contiguous() for h, m in heads.items()

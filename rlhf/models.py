@@ -112,7 +112,7 @@ def resolve_model_dir(source: str = EMBEDDED, progress: Callable[[str], None] | 
         if not (path / "config.json").exists():
             raise UserError(f"{path} is not a model directory (no config.json): pass a directory saved by "
                             "save_pretrained, a .gguf file, or leave --model out for the embedded default")
-        return str(path)
+        return str(path.resolve())  # saved adapters name their base: from any working directory
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return source  # a hub id; from_pretrained fails clearly if no hub is reachable
     raise UserError(f"model path {source} does not exist: pass a model directory, a .gguf file or a hub id, "

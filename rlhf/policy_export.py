@@ -8,7 +8,9 @@
 Each comes with a model card (README.md) that names the base, the labels, the
 reward model and the session's settings. The merged model is written in full
 precision from the base the workbench loaded (for the embedded model, its
-de-quantized GGUF weights), so it answers as the workbench's policy did.
+de-quantized GGUF weights). Where the policy was trained on the 4-bit base, the
+merged weights differ from what it ran on by the quantization error: close to
+the workbench's answers, not the same; the card says so.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def export_policy(store: Store, version: int, out: str | Path, *, merged: bool =
         else:
             shutil.copy2(folder / ADAPTER_FILE, tmp / ADAPTER_FILE)
             config.save_pretrained(str(tmp))
-        (tmp / CARD_FILE).write_text(model_card(store, checkpoint, config.base_model_name_or_path, merged))
+        (tmp / CARD_FILE).write_text(model_card(store, checkpoint, config.base_model_name_or_path, merged,
+                                                quantized=bool(record.get("quantized"))))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -87,10 +90,10 @@ def write_merged(folder: Path, record: dict[str, Any], config: Any, out: Path, s
     from rlhf.models import load_tokenizer
 
     base_dir = record.get("base")
-    if not base_dir or not Path(base_dir).is_dir():
+    if not base_on_this_machine(base_dir):
         raise UserError(f"the base this version was trained on ({base_dir}) is not on this machine: export the "
                         "adapter alone (without --merged) and merge it where the base is")
-    say(f"merging the adapter into {Path(base_dir).name} (full precision)")
+    say(f"merging the adapter into {Path(str(base_dir)).name} (full precision)")
     tokenizer = load_tokenizer(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # as rlhf.models.load_stack does
@@ -103,7 +106,21 @@ def write_merged(folder: Path, record: dict[str, Any], config: Any, out: Path, s
     tokenizer.save_pretrained(out)
 
 
-def model_card(store: Store, checkpoint: Checkpoint, base_name: str, merged: bool) -> str:
+def base_on_this_machine(base: str | None) -> bool:
+    """A model folder, or a hub id whose files are in the local hub cache (no hub is asked)."""
+    if not base:
+        return False
+    if Path(base).is_dir():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(base, "config.json"), str)
+    except ValueError:  # not a valid hub id either
+        return False
+
+
+def model_card(store: Store, checkpoint: Checkpoint, base_name: str, merged: bool, *, quantized: bool = False) -> str:
     """README.md: what the version is, what made it, and how to load it."""
     meta = checkpoint.meta
     labels = Counter(c.labeler for c in store.comparisons(purpose="preference"))
@@ -115,9 +132,14 @@ def model_card(store: Store, checkpoint: Checkpoint, base_name: str, merged: boo
                                                    " (this folder is the LoRA adapter)"),
              f"- **Trained by**: {trained_by(meta)}, from policy version {checkpoint.parent_version}; KL reference "
              f"version {meta.get('reference_version', 0)}",
-             f"- **Reward**: {reward_text(store, meta.get('reward'))}",
+             f"- **Reward**: {reward_text(store, meta)}",
              "- **Labels in the database**: " + (", ".join(f"{n} by {who}" for who, n in labels.most_common())
                                                  or "none") + " (comparisons)"]
+    if quantized:
+        lines.append("- **Precision**: trained on the base quantized to 4-bit NF4" + (
+            "; merged here into its full-precision weights, which differ by the quantization error, so its "
+            "answers are close to the workbench's, not the same" if merged else
+            "; load the base in 4-bit (bitsandbytes NF4) to answer exactly as the workbench did"))
     if "rollout_score" in meta:
         lines.append(f"- **At this version**: rollout score {meta['rollout_score']:.3f} (reward normalized on the "
                      f"session's reference), KL {meta.get('kl', float('nan')):.3f} nats per answer")
@@ -142,11 +164,16 @@ def model_card(store: Store, checkpoint: Checkpoint, base_name: str, merged: boo
 def trained_by(meta: dict[str, Any]) -> str:
     if "iteration" not in meta:
         return "the workbench"
+    if meta.get("method"):  # another method than a PPO session: DPO, by epochs
+        return f"{meta['method'].upper()} on the labeled pairs (job {meta.get('job_id')}), epoch {meta['iteration']}"
     algorithm = (meta.get("config") or {}).get("algorithm", "ppo").upper()
     return f"a KL-regularized {algorithm} session (job {meta.get('job_id')}), iteration {meta['iteration']}"
 
 
-def reward_text(store: Store, reward: Any) -> str:
+def reward_text(store: Store, meta: dict[str, Any]) -> str:
+    reward = meta.get("reward")
+    if meta.get("method"):
+        return "none: trained on the labeled pairs directly"
     if isinstance(reward, str):
         return f"the scripted rule `{reward}`"
     if reward is None:

@@ -37,22 +37,26 @@ def cmd_dpo(args: argparse.Namespace) -> int:
                  dpo=DPOConfig.from_dict(given_settings(args, DPOConfig)))
     with open_db(args) as store:
         job_id = start_job(store, job)
-        print(f"started DPO job {job_id}; log in {jobs.log_path(store.path, job_id)}")
+        print(f"started DPO job {job_id}; log in {jobs.log_path(store.path, job_id)}; `rlhf jobs cancel "
+              f"{job_id}` stops it")
         if not args.wait:
             return 0
 
         def on_step(row: object, step: int, metrics: dict[str, float]) -> None:
-            if "objective/kl" in metrics:  # an epoch's end
-                accuracy = metrics.get("eval/rewards/accuracies")
-                held = "" if accuracy is None else (f"  held-out accuracy {accuracy:.2f} on "
-                                                    f"{metrics.get('eval/pairs', 0):.0f} pairs")
-                print(f"epoch {metrics['epoch']:.0f}  step {step}  loss {metrics['loss']:.3f}  "
-                      f"KL {metrics['objective/kl']:.3f}{held}", flush=True)
+            if "epoch_end" not in metrics:
+                return
+            accuracy, kl = metrics.get("eval/rewards/accuracies"), metrics.get("objective/kl")
+            held = "" if accuracy is None else (f"  held-out accuracy {accuracy:.2f} on "
+                                                f"{metrics.get('eval/pairs', 0):.0f} pairs")
+            loss = "" if metrics.get("loss") is None else f"  loss {metrics['loss']:.3f}"
+            print(f"epoch {metrics['epoch_end']:.0f}  step {step}{loss}  KL "
+                  f"{'not measured' if kl is None else f'{kl:.3f}'}{held}", flush=True)
 
         try:
             row = jobs.follow(store, job_id, on_step)
         except KeyboardInterrupt:
-            print(f"stopped following; job {job_id} keeps running in the background", file=sys.stderr)
+            print(f"stopped following; job {job_id} keeps running in the background (`rlhf jobs cancel "
+                  f"{job_id}` stops it)", file=sys.stderr)
             return 130
     if row.status != "done":
         print(f"rlhf: error: DPO job {job_id} {row.status}: {row.error}", file=sys.stderr)

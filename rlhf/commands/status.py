@@ -14,7 +14,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("jobs", help="background jobs (reward training, PPO): status, reason for a failure, log")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_jobs)
-    metrics = p.add_subparsers(dest="jobs_command", metavar="metrics").add_parser(
+    actions = p.add_subparsers(dest="jobs_command", metavar="metrics | pause | resume | cancel")
+    for action, about in (("pause", "pause a running job between steps"), ("resume", "resume a paused job"),
+                          ("cancel", "stop a job between steps (what it saved stays)")):
+        control = actions.add_parser(action, help=about)
+        control.add_argument("job", type=int, help="job id (`rlhf jobs` lists them)")
+        control.set_defaults(func=cmd_job_control, action=action)
+    metrics = actions.add_parser(
         "metrics", help="a job's metrics, a row per step (also in TensorBoard when it is installed)")
     metrics.add_argument("job", type=int, help="job id (`rlhf jobs` lists them)")
     metrics.add_argument("--csv", action="store_true", help="comma-separated, for a spreadsheet or pandas")
@@ -37,6 +43,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     width = max(len(k) for k in stats)
     for key, value in stats.items():
         print(f"{key.replace('_', ' '):<{width}}  {value}")
+    return 0
+
+
+def cmd_job_control(args: argparse.Namespace) -> int:
+    from rlhf.jobs import refresh, request
+
+    with open_db(args) as store:
+        refresh(store)  # a job whose process died is not told anything
+        request(store, args.job, args.action)
+    print(f"asked job {args.job} to {args.action} (it acts between steps)")
     return 0
 
 

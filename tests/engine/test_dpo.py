@@ -93,3 +93,26 @@ def test_store_pairs_keep_sampled_tokens_as_sampled(store, tiny_stack):
     [pair] = store_pairs(store, tiny_stack.tokenizer)
     assert pair.chosen == [11, 12]  # no EOS the model never emitted
     assert pair.rejected == [13, tiny_stack.tokenizer.eos_token_id]
+
+
+def test_rlhf_dpo_follows_the_job_and_jobs_cancel_reaches_it(store, db_path, tiny_dir, capsys):
+    synthetic_pairs(store, 12)
+    db = ["--db", str(db_path)]
+    model = ["--model", tiny_dir, "--no-4bit", "--device", "cpu"]
+    assert main([*db, "dpo", "--sources", "import", "--epochs", "1", "--kl-prompts", "0", "--lr", "1e-3",
+                 "--policy-version", "0", *model]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1  step" in out and "KL not measured" in out and "held-out accuracy" in out
+    assert store.checkpoint("policy").meta["kl"] is None
+    # A long job is stopped by `rlhf jobs cancel`, as every job is.
+    assert main([*db, "dpo", "--sources", "import", "--epochs", "50", "--no-wait", *model]) == 0
+    job = store.jobs("dpo")[-1]
+    assert main([*db, "jobs", "cancel", str(job.id)]) == 0
+    assert jobs.wait(store, job.id, timeout_s=120).status == "cancelled"
+
+
+def test_one_prompt_held_out_still_trains(tiny_stack):
+    tok = tiny_stack.tokenizer
+    pairs = [Pair("Only prompt", tok("Only prompt")["input_ids"], [5, tok.eos_token_id], [6, tok.eos_token_id])]
+    result = train_dpo(tiny_stack, pairs, DPOConfig(epochs=1, eval_fraction=0.99))
+    assert (result.steps, result.n_train, result.n_eval) == (1, 1, 0)

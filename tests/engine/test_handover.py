@@ -116,3 +116,20 @@ def test_export_policy_refuses_what_it_cannot_write(store, db_path, tiny_stack, 
         assert main([*db, "export-policy", *argv]) == 2
         assert message in capsys.readouterr().err
     assert (tmp_path / "taken" / "file").read_text() == "mine" and not (tmp_path / "x").exists()
+
+
+def test_a_merged_export_needs_the_base_and_a_dpo_card_says_dpo(store, db_path, tiny_stack, tmp_path, capsys):
+    folder = _trained_policy(tiny_stack, tmp_path / "v1")
+    record = json.loads((folder / RECORD_FILE).read_text())
+    assert record["quantized"] is False
+    (folder / RECORD_FILE).write_text(json.dumps({**record, "base": str(tmp_path / "gone"), "quantized": True}))
+    store.add_checkpoint("policy", folder, parent_version=0,
+                         meta={"job_id": 2, "iteration": 3, "method": "dpo", "reference_version": 0})
+    db = ["--db", str(db_path)]
+    assert main([*db, "export-policy", "1", str(tmp_path / "merged"), "--merged"]) == 2
+    assert "is not on this machine: export the adapter alone" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+    assert main([*db, "export-policy", "1", str(tmp_path / "adapter")]) == 0
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "DPO on the labeled pairs (job 2), epoch 3" in card and "trained on the labeled pairs directly" in card
+    assert "trained on the base quantized to 4-bit NF4" in card

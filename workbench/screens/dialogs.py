@@ -134,7 +134,7 @@ class ImportRequest:
 
 
 # What rlhf.exchange_import reads, completed first (a datasets folder is a folder).
-IMPORT_SUFFIXES = (".jsonl", ".json", ".parquet")
+IMPORT_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".gz")
 
 
 class ImportDialog(ModalScreen[ImportRequest | None]):

@@ -206,11 +206,14 @@ class LabelScreen(LabelKeys, LabelSampling):
                                         self.deck.current_id)
 
     def _prompts_added(self) -> None:
-        """Prompts joined the queue from elsewhere (an import): show them."""
+        """Prompts joined the queue from elsewhere (an import): list them, leaving
+        the prompt on screen (and a ranking under way) as it is."""
         assert self.deck is not None
+        shown = self.deck.current_id
         self.deck.reload()
         self._fill_list()
-        self.show_current()
+        if shown is None:
+            self.show_current()
 
     def _list_mark(self, pid: int) -> None:
         assert self.deck is not None

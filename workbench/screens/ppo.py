@@ -216,13 +216,15 @@ class PPOScreen(JobScreen[Snapshot]):
     # -- actions
 
     def job_config(self, *, resume: bool = False) -> dict[str, Any]:
-        """A PPO job config: the chosen options and the app's base model."""
+        """A PPO job config: the chosen options and the app's base model. A
+        continued session keeps its own estimator (its value head or its groups)."""
+        settings = {"beta": self.query_one("#ppo-beta", Select).value,
+                    "adaptive_kl": self.query_one("#ppo-adaptive", Checkbox).value}
+        if not resume:
+            settings["algorithm"] = self.query_one("#ppo-algorithm", Select).value
         return self.full_config({"iterations": self.query_one("#ppo-iterations", Select).value,
                                  "reward": self.query_one("#ppo-reward", Select).value or None,
-                                 "resume": resume,
-                                 "ppo": {"beta": self.query_one("#ppo-beta", Select).value,
-                                         "adaptive_kl": self.query_one("#ppo-adaptive", Checkbox).value,
-                                         "algorithm": self.query_one("#ppo-algorithm", Select).value}})
+                                 "resume": resume, "ppo": settings})
 
     def action_start(self) -> None:
         self.start(self.job_config(resume=False))
