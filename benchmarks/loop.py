@@ -12,7 +12,8 @@ model, exactly as a user would run it with the `rlhf` command line:
    `rlhf label --rule RULE`, at most N comparisons;
 3. train a reward model on those labels: `rlhf train-reward --sources label`;
 4. run a session against it from the base: `rlhf ppo --wait`, once per
-   estimator in ``--algorithms`` (the same labels and reward model for each);
+   estimator in ``--algorithms`` (the same labels and reward model for each),
+   and `rlhf dpo` on the same labels when ``dpo`` is among them;
    and, with ``--best-of``, best-of-N of the reference by the same reward model
    (the baseline a trained policy must beat);
 5. the final policy and the reference answer the held-out prompts
@@ -57,8 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=60, help="training prompts, one comparison each (default 60)")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--iterations", type=int, default=16, help="PPO iterations (default 16)")
-    p.add_argument("--algorithms", nargs="+", default=[PPOConfig().algorithm], choices=ALGORITHMS,
-                   help=f"estimators to run on the same labels and reward model (default {PPOConfig().algorithm})")
+    p.add_argument("--algorithms", nargs="+", default=[PPOConfig().algorithm], choices=(*ALGORITHMS, "dpo"),
+                   help=f"methods to run on the same labels (ppo and rloo against the same reward model; dpo on "
+                        f"the labels directly) (default {PPOConfig().algorithm})")
+    p.add_argument("--dpo-args", default="", help="extra `rlhf dpo` options, quoted")
     p.add_argument("--best-of", type=int, nargs="*", default=[], metavar="N",
                    help="also judge best-of-N of the reference by the reward model, for each N (e.g. 4 16)")
     p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts to judge on (default all)")
@@ -117,10 +120,13 @@ def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
     for algorithm in args.algorithms:
         times.clear()
         times.update(shared)
-        stage("ppo", "ppo", "--iterations", str(args.iterations), "--wait", "--policy-version", "0",
-              "--algorithm", algorithm, *shlex.split(args.ppo_args))
+        if algorithm == "dpo":
+            stage("dpo", "dpo", "--policy-version", "0", "--sources", "label", *shlex.split(args.dpo_args))
+        else:
+            stage("ppo", "ppo", "--iterations", str(args.iterations), "--wait", "--policy-version", "0",
+                  "--algorithm", algorithm, *shlex.split(args.ppo_args))
         with Store(db) as store:
-            job = store.jobs("ppo")[-1]
+            job = store.jobs("dpo" if algorithm == "dpo" else "ppo")[-1]
             version, series = store.checkpoint("policy").version, store.metrics(job.id)
         limit = ["--limit", str(args.eval_prompts)] if args.eval_prompts else []
         out = stage("eval", "eval-policy", "--rule", rule, "--version", str(version), "--k", str(args.k),
@@ -153,7 +159,9 @@ def report(run: dict) -> None:
           f"{reward['steps']} steps, {reward['epochs']:.1f} epochs; score~length r = "
           f"{reward['length_corr'] if reward['length_corr'] is None else round(reward['length_corr'], 2)}")
     by = {name: dict(points) for name, points in run["series"].items()}
-    if by:
+    if "objective/kl" in by and "objective/scores" not in by:  # DPO: the KL measured after each epoch
+        print("KL after each epoch: " + ", ".join(f"{v:.2f}" for _, v in sorted(by["objective/kl"].items())))
+    if "objective/scores" in by:
         print(f"{'iteration':>9}  {'score':>6}  {'kl':>6}  {'eos':>4}  {'len':>5}  {'s':>5}")
     for step in sorted(by.get("objective/scores", {})):
         print(f"{step:>9}  {by['objective/scores'][step]:6.3f}  {by['objective/kl'][step]:6.2f}  "
