@@ -574,6 +574,7 @@ async def test_import_from_the_app_completes_the_path_and_offers_the_prompts(sto
         await wait_for(pilot, lambda: any("imported 1 pairs from" in n for n in notes))
         assert "1 of its 1 prompts joined the labeling queue" in notes[-1]
         await wait_for(pilot, lambda: len(screen.deck.prompt_ids) == before + 1)
+        await wait_for(pilot, lambda: f"/{before + 1}" in str(screen.query_one("#status").render()))
     assert len(store.pairs()) == 1 and store.prompts()[-1].text == "Imported prompt?"
 
 

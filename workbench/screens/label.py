@@ -212,6 +212,7 @@ class LabelScreen(LabelKeys, LabelSampling):
         shown = self.deck.current_id
         self.deck.reload()
         self._fill_list()
+        self._status()
         if shown is None:
             self.show_current()
 
