@@ -37,6 +37,10 @@ class PPOConfig:
     # 2024, arXiv 2402.14740; TRL's RLOOTrainer): rloo_k samples per prompt, each
     # sample's baseline the mean sequence reward of the other k-1, the same
     # advantage on every token, no value head; the PPO clip and epochs stay.
+    # Measured on the loop benchmark (60 rule labels, 16 iterations, 40 held-out
+    # prompts, one seed each): RLOO 0.697 at 6.96 nats ("you") and 0.694 at 9.02
+    # (digits); PPO 0.613 at 4.64 and 0.738 at 8.73 on the same labels. Neither
+    # is better on both tastes, so the default stays PPO.
     algorithm: Algorithm = setting("ppo", help="advantage estimator: ppo (GAE with a value head) or rloo "
                                                "(leave-one-out baseline over --rloo-k samples per prompt)")
     rloo_k: int = setting(4, help="rloo: samples per prompt (the batch size must be a multiple)")
