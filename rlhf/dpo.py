@@ -25,13 +25,11 @@ METHOD = "dpo"  # a version's meta "method": what trained it (PPO sessions' vers
 
 def check_can_start(store: Any, job: DPOJob) -> None:
     """The user errors the job would hit, found before a process is spawned."""
+    from rlhf.reward import check_pairs
+
     if job.init_policy_version:
         store.checkpoint("policy", job.init_policy_version)
-    sources = job.dpo.sources
-    if not store.pairs(source=None if sources == "all" else sources):
-        which = {"all": "", "label": "labeled ", "import": "imported "}[sources]
-        raise UserError(f"no {which}preference pairs for DPO: label some comparisons first, or import a file "
-                        "(`rlhf import FILE`) and pass --sources import")
+    check_pairs(store, job.dpo.sources, "for DPO")
 
 
 def start_job(store: Any, job: DPOJob) -> int:
@@ -45,6 +43,7 @@ def run_job(ctx: Any) -> None:
     """Train, measuring KL and saving a policy version after each epoch."""
     from rlhf.evaluation import sequence_kls
     from rlhf.models import load_stack
+    from rlhf.ppo import start_policy
     from rlhf.sampling import SamplingParams, sample_k
 
     job = DPOJob.from_dict(ctx.config)
@@ -85,12 +84,3 @@ def run_job(ctx: Any) -> None:
     train_dpo(stack, pairs, config, log=ctx.log, checkpoint=ctx.checkpoint, set_total=ctx.set_total,
               on_epoch=on_epoch)
 
-
-def start_policy(stack: Any, store: Any, version: int | None) -> int:
-    """Load the policy the job trains from (None: the latest; 0: the base) and
-    freeze it as the reference. Returns its version."""
-    checkpoint = store.checkpoint("policy", version) if version != 0 else None
-    if checkpoint is None:
-        return 0
-    stack.load_policy(checkpoint.path, checkpoint.version)
-    return checkpoint.version

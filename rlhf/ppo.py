@@ -64,12 +64,18 @@ def prepare_stack(stack: ModelStack, store: Any, job: PPOJob) -> Start:
         normalization = {k: meta[k] for k in NORMALIZATION_KEYS if k in meta} if "reward_gain" in meta else None
         return Start(last.version, ref, int(meta.get("iteration", 0)), meta.get("beta"), Path(last.path),
                      normalization, meta.get("reward"))
-    version = job.init_policy_version
+    version = start_policy(stack, store, job.init_policy_version)
+    return Start(version, version)
+
+
+def start_policy(stack: ModelStack, store: Any, version: int | None) -> int:
+    """Load the policy a new session trains from (None: the latest; 0: the
+    base) and freeze it as the reference. Returns its version."""
     checkpoint = store.checkpoint("policy", version) if version != 0 else None
     if checkpoint is None:
-        return Start(0, 0)
+        return 0
     stack.load_policy(checkpoint.path, checkpoint.version)
-    return Start(checkpoint.version, checkpoint.version)
+    return checkpoint.version
 
 
 def resume_checkpoint(store: Any) -> Checkpoint:

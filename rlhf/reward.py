@@ -63,12 +63,13 @@ def labels_prefer_longer(elements: Sequence[Element]) -> tuple[float | None, int
 # --- the background job -----------------------------------------------------------------
 
 
-def check_pairs(store: Store, sources: str) -> int:
-    """Refuse, before a process loads a model, to train on no pairs. Returns the count."""
+def check_pairs(store: Store, sources: str, what: str = "to train on") -> int:
+    """Refuse, before a process loads a model, to train on no pairs (``what``
+    names the training in the message). Returns the count."""
     n = len(store.pairs(source=None if sources == "all" else sources))
     if n == 0:
         which = {"all": "", "label": "labeled ", "import": "imported "}[sources]
-        raise UserError(f"no {which}preference pairs to train on: label some comparisons in the workbench "
+        raise UserError(f"no {which}preference pairs {what}: label some comparisons in the workbench "
                         "or `rlhf import FILE`")
     return n
 
