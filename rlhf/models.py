@@ -216,7 +216,7 @@ def load_stack(options: ModelOptions | None = None, progress: Callable[[str], No
     model_dir = resolve_model_dir(options.source, progress)
     say(f"loading {Path(model_dir).name} on {device.type}")
     tokenizer = load_tokenizer(model_dir)
-    _quiet_bitsandbytes()
+    quiet_bitsandbytes()
     model, quantized = load_base(model_dir, quantize=options.quantize, device=device)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
@@ -227,7 +227,7 @@ def load_stack(options: ModelOptions | None = None, progress: Callable[[str], No
     return stack
 
 
-def _quiet_bitsandbytes() -> None:
+def quiet_bitsandbytes() -> None:
     """bitsandbytes logs at warning level that an optional CPU kernel package is
     absent; it falls back to its own kernels, so the message only alarms users."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

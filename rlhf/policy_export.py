@@ -44,6 +44,9 @@ def export_policy(store: Store, version: int, out: str | Path, *, merged: bool =
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists: export into a new or empty folder")
     say = progress or (lambda _msg: None)
+    from rlhf.models import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # peft imports bitsandbytes, which warns of a kernel package it does without
     record = read_record(folder)
     config = peft_config(folder, record)
     tmp = out.with_name(out.name + ".partial")
