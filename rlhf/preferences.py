@@ -1,7 +1,10 @@
 """Labels and the preference pairs they imply.
 
 Each kind of answer is a small rule (after lm-human-preferences' label_types.py):
-- ``best``: the pick beats each of the other K-1 completions (K-1 pairs);
+- ``best``: the pick beats each of the other K-1 completions (K-1 pairs). Where
+  the top is shared, the choice names every completion that shares it: each of
+  them beats each of the rest (W x (K-W) pairs), so a labeler who sees two
+  equally good answers still says which are worse;
 - ``ranking``: a full order, best first, gives all C(K,2) pairs;
 - ``tie``, ``all_bad``, ``skip``: kept in the store as they are and give no pairs
   (a tie carries no Bradley-Terry signal without a tie-aware loss).
@@ -23,8 +26,9 @@ PAIRLESS_KINDS = ("tie", "all_bad", "skip")
 def pairs_for_label(kind: str, completion_ids: list[int], choice: list[int] | None) -> list[tuple[int, int]]:
     """(chosen, rejected) completion ids for one label.
 
-    ``choice`` holds positions in ``completion_ids`` (the order shown): one
-    position for ``best``, every position best first for ``ranking``."""
+    ``choice`` holds positions in ``completion_ids`` (the order shown): the pick
+    for ``best`` (or the picks that share the top, fewer than K), every position
+    best first for ``ranking``."""
     if kind not in LABEL_KINDS:
         raise UserError(f"unknown label kind {kind!r}: use one of {', '.join(LABEL_KINDS)}")
     if kind in PAIRLESS_KINDS:
@@ -33,10 +37,11 @@ def pairs_for_label(kind: str, completion_ids: list[int], choice: list[int] | No
     if not choice or any(not 0 <= c < k for c in choice):
         raise UserError(f"a {kind} label needs positions between 0 and {k - 1}, got {choice}")
     if kind == "best":
-        if len(choice) != 1:
-            raise UserError(f"a best-of-K label picks one completion, got {len(choice)}")
-        best = completion_ids[choice[0]]
-        return [(best, other) for other in completion_ids if other != best]
+        if len(set(choice)) != len(choice) or len(choice) >= k:
+            raise UserError(f"a best-of-K label picks one completion, or several that share the top but not all "
+                            f"{k}: got {choice} (all equal is a tie)")
+        winners = [completion_ids[c] for c in choice]
+        return [(best, other) for best in winners for other in completion_ids if other not in winners]
     if sorted(choice) != list(range(k)):
         raise UserError(f"a ranking must order all {k} completions exactly once, got {choice}")
     ranked = [completion_ids[c] for c in choice]
@@ -65,7 +70,8 @@ def undo_last_label(store: Store, *, labeler: str | None = None,
 def label_by_rule(store: Store, rule: Rule, *, k: int = 4, rank: bool = False,
                   limit: int | None = None) -> Counter[str]:
     """Label every pending comparison (``Store.pending_sets``) as a labeler with the
-    rule's taste would: the best of K, a tie where the top is shared, or with
+    rule's taste would: the best of K (every one that shares the top, where
+    not all K do), a tie where all score the same, or with
     ``rank`` a full ranking where all K differ. Recorded as ordinary comparisons
     by the labeler ``rule:NAME``. Returns how many labels of each kind."""
     kinds: Counter[str] = Counter()

@@ -31,11 +31,24 @@ def best_of_k_loss(rewards: torch.Tensor, best: int) -> torch.Tensor:
     return -torch.log_softmax(rewards, dim=-1)[best]
 
 
+def winners_and_losers(element: Element) -> tuple[list[int], list[int]]:
+    """A best-of-K pick's sequences that share the top (one, usually) and the rest."""
+    return list(dict.fromkeys(c for c, _ in element.pairs)), list(dict.fromkeys(r for _, r in element.pairs))
+
+
+def as_choice(element: Element, best_of_k: str) -> bool:
+    """Whether the element trains as K-way choices (a best-of-K pick under 'softmax')."""
+    return element.kind == "best" and best_of_k == "softmax" and len(element.pairs) > 1
+
+
 def element_loss(rewards: torch.Tensor, element: Element, best_of_k: str) -> torch.Tensor:
     """The loss of one comparison given the rewards of its completions. A ranking's
-    pairs are averaged, so a prompt weighs the same whatever its K (InstructGPT)."""
-    if element.kind == "best" and best_of_k == "softmax" and len(element.pairs) > 1:
-        return best_of_k_loss(rewards, element.pairs[0][0])
+    pairs are averaged, so a prompt weighs the same whatever its K (InstructGPT).
+    A pick whose top is shared is one choice per winner, among it and the losers,
+    averaged (each winner beat the rest; the winners are not compared)."""
+    if as_choice(element, best_of_k):
+        winners, losers = winners_and_losers(element)
+        return torch.stack([best_of_k_loss(rewards[[w, *losers]], 0) for w in winners]).mean()
     chosen = rewards[[c for c, _ in element.pairs]]
     rejected = rewards[[r for _, r in element.pairs]]
     return bradley_terry_loss(chosen, rejected)
@@ -75,20 +88,20 @@ class Comparisons:
         pairs = [(i, offsets[i] + c, offsets[i] + r) for i, e in enumerate(self.elements) for c, r in e.pairs]
         self.pair_element, self.chosen, self.rejected = (torch.tensor(col, dtype=torch.long) for col in
                                                          (zip(*pairs) if pairs else ([], [], [])))
-        # A best-of-K pick trained as one K-way choice: (element, its sequences, the pick), by K.
-        self.choices: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        groups: dict[int, list[tuple[int, list[int], int]]] = {}
+        # Best-of-K picks trained as K-way choices, one per winner (the winner at
+        # column 0 of its sequences): (element, its sequences), by the choice's size.
+        self.choices: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        groups: dict[int, list[tuple[int, list[int]]]] = {}
         for i, e in enumerate(self.elements):
-            if e.kind == "best" and best_of_k == "softmax" and len(e.pairs) > 1:
-                seqs = list(range(offsets[i], offsets[i + 1]))
-                groups.setdefault(len(seqs), []).append((i, seqs, e.pairs[0][0]))
+            if as_choice(e, best_of_k):
+                winners, losers = winners_and_losers(e)
+                for w in winners:
+                    seqs = [offsets[i] + s for s in (w, *losers)]
+                    groups.setdefault(len(seqs), []).append((i, seqs))
         for k, rows in groups.items():
-            self.choices[k] = (torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows]),
-                               torch.tensor([r[2] for r in rows]))
-        as_choice = torch.zeros(len(self.elements), dtype=torch.bool)
-        for element_ids, _, _ in self.choices.values():
-            as_choice[element_ids] = True
-        self.as_pairs = ~as_choice[self.pair_element] if pairs else torch.zeros(0, dtype=torch.bool)
+            self.choices[k] = (torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows]))
+        chooses = torch.tensor([as_choice(e, best_of_k) for e in self.elements], dtype=torch.bool)
+        self.as_pairs = ~chooses[self.pair_element] if pairs else torch.zeros(0, dtype=torch.bool)
 
     def margins(self, rewards: torch.Tensor) -> torch.Tensor:
         """r_chosen − r_rejected for every pair."""
@@ -96,18 +109,20 @@ class Comparisons:
 
     def loss(self, rewards: torch.Tensor) -> torch.Tensor:
         """The mean over elements of ``element_loss``: a best-of-K pick's softmax
-        loss, the mean Bradley–Terry loss of any other element's pairs."""
-        per_element = torch.zeros(len(self.elements), dtype=rewards.dtype)
-        for element_ids, seqs, best in self.choices.values():
-            picked = torch.log_softmax(rewards[seqs], dim=-1).gather(1, best[:, None]).squeeze(1)
-            per_element = per_element.index_put((element_ids,), -picked)
+        loss (the mean over its winners), the mean Bradley–Terry loss of any other
+        element's pairs."""
+        sums = torch.zeros(len(self.elements), dtype=rewards.dtype)
+        counts = torch.zeros_like(sums)
+        for element_ids, seqs in self.choices.values():
+            losses = -torch.log_softmax(rewards[seqs], dim=-1)[:, 0]
+            sums = sums.index_add(0, element_ids, losses)
+            counts = counts.index_add(0, element_ids, torch.ones_like(losses))
         if self.as_pairs.any():
             ids = self.pair_element[self.as_pairs]
             pair_loss = -F.logsigmoid(self.margins(rewards)[self.as_pairs])
-            sums = torch.zeros_like(per_element).index_add(0, ids, pair_loss)
-            counts = torch.zeros_like(per_element).index_add(0, ids, torch.ones_like(pair_loss))
-            per_element = torch.where(counts > 0, sums / counts.clamp(min=1), per_element)
-        return per_element.mean()
+            sums = sums.index_add(0, ids, pair_loss)
+            counts = counts.index_add(0, ids, torch.ones_like(pair_loss))
+        return (sums / counts.clamp(min=1)).mean()
 
     def evaluate(self, rewards: torch.Tensor) -> PairEval:
         if not self.elements:

@@ -112,6 +112,22 @@ async def test_ranking_records_all_pairs_in_order(store):
     assert got == {(order[i], order[j]) for i in range(4) for j in range(i + 1, 4)}   # C(4,2) = 6
 
 
+async def test_a_shared_top_records_each_marked_one_over_the_rest(store):
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        ids = [c.id for c in screen.shown]
+        await pilot.press("equals_sign", "1", "3", "4", "4")   # 4 marked, then unmarked
+        assert screen.ranking == [0, 2] and screen.cards[2].rank == 1
+        assert not store.comparisons()                     # nothing recorded half-way
+        await pilot.press("equals_sign")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 1)
+    [cmp] = store.comparisons()
+    assert cmp.kind == "best" and cmp.choice == [0, 2]
+    got = {(p["chosen_id"], p["rejected_id"]) for p in store.pairs()}
+    assert got == {(ids[w], ids[r]) for w in (0, 2) for r in (1, 3)}
+
+
 async def test_tie_all_bad_and_skip_keep_no_pairs(store):
     app = make_app(store)
     async with app.run_test() as pilot:

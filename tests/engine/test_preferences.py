@@ -35,6 +35,18 @@ def test_best_of_k_gives_k_minus_1_pairs_with_the_pick_chosen(store, k):
     assert comparison.completion_ids == ids and comparison.labeler == "ann"
 
 
+def test_a_shared_top_gives_each_winner_over_each_of_the_rest(store):
+    prompt_id, ids = shown(store, "Name two colours.", 4)
+    record_label(store, prompt_id, ids, "best", [2, 0])
+
+    assert pair_ids(store) == {(ids[w], ids[l]) for w in (2, 0) for l in (1, 3)}
+    assert store.comparisons()[0].choice == [2, 0]
+    for bad in ([0, 1, 2, 3], [1, 1]):  # every one (that is a tie) or one twice
+        with pytest.raises(UserError, match="share the top"):
+            record_label(store, prompt_id, ids, "best", bad)
+    assert len(pair_ids(store)) == 4  # a refused label adds nothing
+
+
 @pytest.mark.parametrize("ranking", [[2, 0, 3, 1], [0, 1, 2, 3], [3, 2, 1, 0]])
 def test_a_ranking_gives_every_pair_better_over_worse(store, ranking):
     prompt_id, ids = shown(store, "Rank these.", 4)
@@ -97,7 +109,8 @@ def test_undo_can_be_limited_to_one_labeler(store):
 
 
 @pytest.mark.parametrize("kind, choice", [
-    ("best", [0, 1]),          # a best-of-K pick is one completion
+    ("best", [0, 1, 2, 3]),    # all four share the top: that is a tie
+    ("best", [1, 1]),          # one pick twice
     ("best", [4]),             # out of range
     ("best", None),
     ("ranking", [0, 1, 2]),    # must rank all four

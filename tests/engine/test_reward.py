@@ -52,6 +52,11 @@ def test_best_of_k_softmax_and_ranking_losses():
     ranking = Element("p", [[1]] * 3, [(0, 1), (0, 2), (1, 2)], kind="ranking")
     expected = (2 * math.log(1 + math.exp(-2)) + math.log(2)) / 3
     assert element_loss(rewards, ranking, "softmax").item() == pytest.approx(expected, abs=1e-6)
+    # 0 and 2 share the top over 1 and 3: each winner is one choice among itself and the losers
+    shared = Element("p", [[1]] * 4, [(0, 1), (0, 3), (2, 1), (2, 3)], kind="best")
+    rewards = torch.tensor([2.0, 0.0, 1.0, 0.0])
+    expected = (math.log(1 + 2 * math.exp(-2)) + math.log(1 + 2 * math.exp(-1))) / 2
+    assert element_loss(rewards, shared, "softmax").item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_all_elements_at_once_lose_what_each_loses_alone():
@@ -62,15 +67,16 @@ def test_all_elements_at_once_lose_what_each_loses_alone():
     elements = [Element("a", [[1]] * 3, [(1, 0), (1, 2)], kind="best", lengths=[1] * 3),
                 Element("b", [[1]] * 3, [(2, 0), (2, 1), (0, 1)], kind="ranking", lengths=[1] * 3),
                 Element("c", [[1]] * 2, [(0, 1)], kind="pair", lengths=[1] * 2),
-                Element("d", [[1]] * 4, [(3, 0), (3, 1), (3, 2)], kind="best", lengths=[1] * 4)]
-    rewards = torch.tensor([0.3, 1.2, -0.5, 0.0, 2.0, 0.7, 0.1, -0.2, 0.4, 0.9, -1.0, 1.5])
+                Element("d", [[1]] * 4, [(3, 0), (3, 1), (3, 2)], kind="best", lengths=[1] * 4),
+                Element("e", [[1]] * 4, [(1, 0), (1, 2), (3, 0), (3, 2)], kind="best", lengths=[1] * 4)]
+    rewards = torch.tensor([0.3, 1.2, -0.5, 0.0, 2.0, 0.7, 0.1, -0.2, 0.4, 0.9, -1.0, 1.5, 0.2, -0.3, 0.8, 0.5])
     for best_of_k in ("softmax", "pairwise"):
         layout, offset, alone = Comparisons(elements, best_of_k), 0, []
         for e in elements:
             alone.append(element_loss(rewards[offset:offset + len(e.sequences)], e, best_of_k))
             offset += len(e.sequences)
         assert layout.loss(rewards).item() == pytest.approx(torch.stack(alone).mean().item(), abs=1e-6)
-    offsets = [0, 3, 6, 8]
+    offsets = [0, 3, 6, 8, 12]
     expected = torch.cat([pair_margins(rewards[o:o + len(e.sequences)], e) for o, e in zip(offsets, elements)])
     assert torch.allclose(Comparisons(elements).margins(rewards), expected)
 

@@ -53,10 +53,11 @@ def test_a_users_own_function_is_a_rule(tmp_path, monkeypatch):
         parse_rule("taste:crashes")("anything")
 
 
-def test_judge_picks_a_unique_best_and_ties_a_shared_top():
+def test_judge_picks_the_top_every_one_that_shares_it_and_ties_only_all_equal():
     assert judge([0.0, 2.0, 1.0, 0.0]) == judge([0.0, 2.0, 1.0, 0.0], rank=True)  # rank needs all distinct
     assert judge([0.0, 2.0, 1.0, 0.0]).kind == "best" and judge([0.0, 2.0, 1.0, 0.0]).choice == [1]
-    assert judge([1.0, 1.0, 0.0]).kind == "tie" and judge([1.0, 1.0, 0.0]).choice is None
+    assert judge([1.0, 0.0, 1.0]).kind == "best" and judge([1.0, 0.0, 1.0]).choice == [0, 2]  # these two beat the rest
+    assert judge([1.0, 1.0, 1.0]).kind == "tie" and judge([1.0, 1.0, 1.0]).choice is None
     assert judge([3.0, 1.0, 2.0], rank=True).kind == "ranking"
     assert judge([3.0, 1.0, 2.0], rank=True).choice == [0, 2, 1]
 
@@ -77,18 +78,20 @@ def add_set(store, prompt: str, texts: list[str], version: int = 0) -> list[int]
 
 def test_scripted_labeler_records_the_comparisons_the_rule_implies(store):
     picked = add_set(store, "p1", ["no", "a banana here", "nothing", "none"])
-    tied = add_set(store, "p2", ["banana", "banana too", "x", "y"])
+    shared = add_set(store, "p2", ["banana", "banana too", "x", "y"])
+    tied = add_set(store, "p3", ["a", "b", "c", "d"])
     second_round = add_set(store, "p1", ["z", "q", "w", "banana!"])   # the same prompt, sampled again
     rule = parse_rule("contains=banana")
     kinds = label_by_rule(store, rule, k=4)
-    assert kinds == {"best": 2, "tie": 1}
+    assert kinds == {"best": 3, "tie": 1}
     comparisons = store.comparisons(purpose="preference")
-    assert [c.completion_ids for c in comparisons] == [picked, tied, second_round]
-    assert [c.kind for c in comparisons] == ["best", "tie", "best"]
-    assert [c.choice for c in comparisons] == [[1], None, [3]]
+    assert [c.completion_ids for c in comparisons] == [picked, shared, tied, second_round]
+    assert [c.kind for c in comparisons] == ["best", "best", "tie", "best"]
+    assert [c.choice for c in comparisons] == [[1], [0, 1], None, [3]]
     assert {c.labeler for c in comparisons} == {"rule:contains=banana"}
     pairs = {(p["chosen_id"], p["rejected_id"]) for p in store.pairs(labeler="rule:contains=banana")}
     assert pairs == {(picked[1], other) for other in picked if other != picked[1]} | {
+        (winner, loser) for winner in shared[:2] for loser in shared[2:]} | {
         (second_round[3], other) for other in second_round[:3]}
     assert store.pending_sets(4) == []
     assert label_by_rule(store, rule, k=4) == {}  # labeled sets are not labeled twice

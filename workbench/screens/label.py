@@ -42,6 +42,8 @@ class LabelScreen(LabelKeys, LabelSampling):
         *[Binding(str(n), f"pick({n})", "Pick", show=False, tooltip=f"Pick completion {n} as best (or rank it next)")
           for n in range(2, MAX_K + 1)],
         Binding("m", "toggle_ranking", "Rank mode", tooltip="Ranking mode on/off: numbers best to worst"),
+        Binding("equals_sign", "share_top", "Shared best", show=False,
+                tooltip="Several equally best: '=', their numbers, '=' again (each beats the rest)"),
         Binding("t", "label('tie')", "Tie", tooltip="Tie: keep as a tie (no pairs)"),
         Binding("b", "label('all_bad')", "All bad", tooltip="All bad (no pairs)"),
         Binding("s", "label('skip')", "Skip", tooltip="Skip this prompt (no pairs)"),
@@ -193,6 +195,9 @@ class LabelScreen(LabelKeys, LabelSampling):
         if self.ranking_mode:
             order = " > ".join(str(p + 1) for p in self.ranking) or "press numbers best first"
             status.mode = f"ranking: {order}"
+        elif self.sharing_mode:
+            marked = ", ".join(str(p + 1) for p in self.ranking)
+            status.mode = f"shared best: {marked} (= records)" if marked else "shared best: press their numbers, then ="
         else:
             status.mode = "pick best"
         nxt = deck.next_unlabeled()

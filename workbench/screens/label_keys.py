@@ -1,10 +1,12 @@
-"""The labeling screen's keys that record labels: pick, rank, tie, all bad,
-skip, undo, and a rule that labels every waiting comparison.
+"""The labeling screen's keys that record labels: pick, several that share the
+top, rank, tie, all bad, skip, undo, and a rule that labels every waiting
+comparison.
 
 What a label records: the completions in the order shown, the kind of answer
 and the choice (shown positions, best first), the labeler, and the seconds from
 when the completions appeared to the key press. Pairs follow from
-rlhf.preferences: a pick gives K-1, a full ranking C(K,2), the rest none.
+rlhf.preferences: a pick gives K-1, W picks that share the top W x (K-W), a full
+ranking C(K,2), the rest none.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from workbench.screens.base import WorkbenchScreen
 from workbench.screens.dialogs import RuleDialog
 from workbench.widgets.completion_card import CompletionCard
 
-LABEL_ACTIONS = ("pick", "label", "toggle_ranking")
+LABEL_ACTIONS = ("pick", "label", "toggle_ranking", "share_top")
 
 
 class LabelKeys(WorkbenchScreen):
@@ -37,7 +39,8 @@ class LabelKeys(WorkbenchScreen):
     def __init__(self) -> None:
         super().__init__()
         self.ranking_mode = False
-        self.ranking: list[int] = []           # shown positions (0-based), best first
+        self.sharing_mode = False              # marking the completions that share the top
+        self.ranking: list[int] = []           # shown positions (0-based), best first (or marked, sharing)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "pick" and parameters and int(cast(int, parameters[0])) > self.wb.k:
@@ -52,6 +55,8 @@ class LabelKeys(WorkbenchScreen):
         position = number - 1
         if self.ranking_mode:
             self._rank(position)
+        elif self.sharing_mode:
+            self._mark(position)
         else:
             self._record("best", [position])
 
@@ -63,8 +68,33 @@ class LabelKeys(WorkbenchScreen):
             self._record(kind, None)
 
     def action_toggle_ranking(self) -> None:
-        self.ranking_mode = not self.ranking_mode
+        self.ranking_mode, self.sharing_mode = not self.ranking_mode, False
         self._clear_ranking()  # the status line shows the mode
+
+    def action_share_top(self) -> None:
+        """Several answers equally best: '=' starts marking them, numbers mark, and
+        '=' again records the marked ones as sharing the top (each beats the rest)."""
+        if not self._ready_to_label():
+            return
+        marked = list(self.ranking)
+        if self.sharing_mode and marked:
+            self.sharing_mode = False
+            self._record("best", marked)
+            return
+        self.sharing_mode, self.ranking_mode = not self.sharing_mode, False
+        self._clear_ranking()
+
+    def _mark(self, position: int) -> None:
+        if position in self.ranking:
+            self.ranking.remove(position)
+            self.cards[position].set_rank(None)
+        elif len(self.ranking) == self.wb.k - 1:
+            self.notify(f"all {self.wb.k} equally good is a tie: press t", severity="warning", timeout=3)
+            return
+        else:
+            self.ranking.append(position)
+            self.cards[position].set_rank(1)
+        self._status()
 
     def action_clear_ranking(self) -> None:
         self._clear_ranking()
