@@ -86,15 +86,21 @@ class ModelStack:
         self.value_head = nn.Linear(hidden, 1).to(device=device, dtype=torch.float32)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
-        self.reward_head = nn.Linear(hidden, 1).to(device=device, dtype=torch.float32)
-        nn.init.normal_(self.reward_head.weight, std=1 / (hidden + 1) ** 0.5)
-        nn.init.zeros_(self.reward_head.bias)
         self._dtype = dtype
+        self.set_reward_heads(1)
         self.has_reward = False
         self.reference_is_copy = False
         self.policy_version = 0
 
     # -- structure
+
+    def set_reward_heads(self, n: int) -> None:
+        """A fresh reward head of ``n`` outputs: an ensemble whose mean is the reward
+        (rlhf.reward_ensemble); 1 for a single head."""
+        hidden = self.peft.get_base_model().config.hidden_size
+        self.reward_head = nn.Linear(hidden, n).to(device=self.device, dtype=torch.float32)
+        nn.init.normal_(self.reward_head.weight, std=1 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.reward_head.bias)
 
     @property
     def body(self) -> nn.Module:
@@ -231,6 +237,9 @@ class ModelStack:
             for head_name, head in (("value", self.value_head), ("reward", self.reward_head)):
                 part = {k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith(head_name + ".")}
                 if part and (name != "reference"):
+                    if head_name == "reward" and part["weight"].shape[0] != head.out_features:
+                        self.set_reward_heads(part["weight"].shape[0])  # an ensemble, or one head after one
+                        head = self.reward_head
                     head.load_state_dict(part)
         if name == "reward":
             self.has_reward = True

@@ -60,6 +60,18 @@ class RewardConfig:
     # on ~50 labels it memorized them, 0.58 held-out).
     finetune: bool = setting(False, help="also train the reward LoRA adapter, after the head (slow on a CPU; for "
                                          "hundreds of labels and more: on tens it memorizes them)")
+    # -- the head alone: an ensemble of heads, each trained on a bootstrap resample
+    # of the labeled prompts and stopped early on the prompts it left out (its
+    # out-of-bag ones); the reward is their mean, their spread its uncertainty, and
+    # the held-out figure is out-of-bag (each pair judged by the heads that never
+    # saw its prompt). Every label trains, none is set aside. Measured against one
+    # head stopped on a held-out fifth (the loop benchmark's 60 rule labels, pairwise
+    # agreement with the rule on 531-600 pairs of held-out prompts' answers, the
+    # reference's and the trained policy's): 0.840 -> 0.880 "more digits",
+    # 0.780 -> 0.814 "you/your". 1: one head and the held-out split, as with --finetune.
+    ensemble: int = setting(8, help="reward heads trained on bootstrap resamples of the labeled prompts; their mean "
+                                    "is the reward, their spread its uncertainty (1: a single head; --finetune "
+                                    "trains one)")
     # Passes over the pairs. None: chosen by the held-out loss, up to max_epochs,
     # stopping after `patience` evaluations without improvement and keeping the
     # best state. InstructGPT's "one epoch, more overfits" (sec. 3.5) holds for
@@ -88,10 +100,11 @@ class RewardConfig:
                                                      "pairs")
     # Which pairs train: 'all', 'label' (the researcher's own) or 'import'.
     sources: Sources = setting("all", help="train on labeled pairs, imported pairs, or all")
-    # Fraction of prompts held out (by prompt-text hash): a fifth, so that a few
-    # dozen comparisons leave enough to stop on. Evaluated at every epoch's end
+    # Fraction of prompts held out (by prompt-text hash) for a single head: a
+    # fifth, so that a few dozen comparisons leave enough to stop on (an ensemble
+    # stops each head on its own out-of-bag prompts instead). Evaluated at every epoch's end
     # and every eval_every steps within a long fine-tuning epoch.
-    eval_fraction: float = setting(0.2, help="fraction of prompts held out")
+    eval_fraction: float = setting(0.2, help="fraction of prompts held out (a single head; an ensemble holds out per head)")
     eval_every: int = setting(20, help="with --finetune: also evaluate every N steps within an epoch (the head "
                                        "alone is evaluated after every epoch)")
     # Token budget per sequence (prompt is cut from its start first) and per completion.
@@ -108,7 +121,7 @@ class RewardConfig:
             raise UserError(f"unknown best_of_k loss {self.best_of_k!r}: use one of {', '.join(BEST_OF_K_LOSSES)}")
         if self.readout not in POOLS:
             raise UserError(f"unknown --readout {self.readout!r}: use one of {', '.join(POOLS)}")
-        for name in ("batch_size", "accum", "eval_every", "max_length"):
+        for name in ("batch_size", "accum", "eval_every", "max_length", "ensemble"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("epochs", "max_epochs", "patience", "steps", "layer"):
@@ -125,6 +138,11 @@ class RewardConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def heads(self) -> int:
+        """Reward heads to train: the ensemble, or one under a fine-tuning."""
+        return 1 if self.finetune else self.ensemble
 
     @property
     def early_stopping(self) -> bool:

@@ -85,6 +85,8 @@ class Comparisons:
         offsets = [0]
         for e in self.elements:
             offsets.append(offsets[-1] + len(e.sequences))
+        self.sequence_element = torch.tensor([i for i, e in enumerate(self.elements) for _ in e.sequences],
+                                             dtype=torch.long)
         pairs = [(i, offsets[i] + c, offsets[i] + r) for i, e in enumerate(self.elements) for c, r in e.pairs]
         self.pair_element, self.chosen, self.rejected = (torch.tensor(col, dtype=torch.long) for col in
                                                          (zip(*pairs) if pairs else ([], [], [])))
@@ -111,10 +113,15 @@ class Comparisons:
         """The mean over elements of ``element_loss``: a best-of-K pick's softmax
         loss (the mean over its winners), the mean Bradley–Terry loss of any other
         element's pairs."""
-        sums = torch.zeros(len(self.elements), dtype=rewards.dtype)
+        return self.element_losses(rewards).mean()
+
+    def element_losses(self, rewards: torch.Tensor) -> torch.Tensor:
+        """``element_loss`` of every element: [elements] from rewards [sequences],
+        or [elements, heads] from [sequences, heads] (an ensemble, all at once)."""
+        sums = rewards.new_zeros((len(self.elements), *rewards.shape[1:]))
         counts = torch.zeros_like(sums)
         for element_ids, seqs in self.choices.values():
-            losses = -torch.log_softmax(rewards[seqs], dim=-1)[:, 0]
+            losses = -torch.log_softmax(rewards[seqs], dim=1)[:, 0]
             sums = sums.index_add(0, element_ids, losses)
             counts = counts.index_add(0, element_ids, torch.ones_like(losses))
         if self.as_pairs.any():
@@ -122,7 +129,7 @@ class Comparisons:
             pair_loss = -F.logsigmoid(self.margins(rewards)[self.as_pairs])
             sums = sums.index_add(0, ids, pair_loss)
             counts = counts.index_add(0, ids, torch.ones_like(pair_loss))
-        return (sums / counts.clamp(min=1)).mean()
+        return sums / counts.clamp(min=1)
 
     def evaluate(self, rewards: torch.Tensor) -> PairEval:
         if not self.elements:

@@ -51,9 +51,9 @@ def features(stack: ModelStack, sequences: Sequence[Sequence[int]], lengths: Seq
 
 def raw_rewards(stack: ModelStack, sequences: Sequence[Sequence[int]], lengths: Sequence[int],
                 readout: Readout) -> torch.Tensor:
-    """r_ψ of each sequence. Differentiable; the caller picks grad or no_grad and
-    must hold stack.role('reward')."""
-    return stack.reward_head(features(stack, sequences, lengths, readout)).squeeze(-1)
+    """r_ψ of each sequence: the mean of the reward heads (one, or an ensemble).
+    Differentiable; the caller picks grad or no_grad and must hold stack.role('reward')."""
+    return stack.reward_head(features(stack, sequences, lengths, readout)).mean(-1)
 
 
 @torch.no_grad()
@@ -71,9 +71,18 @@ def batched_features(stack: ModelStack, sequences: Sequence[Sequence[int]], leng
 @torch.no_grad()
 def score_sequences(stack: ModelStack, sequences: Sequence[Sequence[int]], lengths: Sequence[int],
                     readout: Readout, batch_size: int = 16) -> torch.Tensor:
-    """Raw rewards of many sequences in batches, without gradients (CPU tensor)."""
+    """Raw rewards of many sequences in batches, without gradients (CPU tensor): the
+    mean of the reward heads."""
+    return head_rewards(stack, sequences, lengths, readout, batch_size).mean(-1)
+
+
+@torch.no_grad()
+def head_rewards(stack: ModelStack, sequences: Sequence[Sequence[int]], lengths: Sequence[int],
+                 readout: Readout, batch_size: int = 16) -> torch.Tensor:
+    """[sequences, heads]: every reward head's raw reward (their spread is the
+    ensemble's uncertainty), without gradients (CPU tensor)."""
     feats = batched_features(stack, sequences, lengths, readout, batch_size)
-    return stack.reward_head(feats.to(stack.device)).squeeze(-1).float().cpu()
+    return stack.reward_head(feats.to(stack.device)).float().cpu()
 
 
 class RewardScorer:

@@ -180,6 +180,7 @@ def fit_head(stack: ModelStack, train: Comparisons, held_out: Comparisons, reado
         best.restore()
         result, kept = best.eval, best.step
     with torch.no_grad():
+        stack.set_reward_heads(1)
         head = stack.reward_head
         w = (weight / std).to(head.weight)
         head.weight.copy_(w[None])
@@ -255,8 +256,10 @@ def train(stack: ModelStack, elements: Sequence[Element], config: RewardConfig, 
           log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
           checkpoint: Callable[[], None] = lambda: None,
           set_total: Callable[[int], None] = lambda n: None) -> TrainResult:
-    """Train the reward model with Bradley–Terry on ``elements``: the head on the
-    frozen base's features, then (``finetune``) the reward adapter with it.
+    """Train the reward model with Bradley–Terry on ``elements``: an ensemble of
+    heads on the frozen base's features, bagged by prompt (rlhf.reward_ensemble,
+    the default), or one head stopped on a held-out split and then (``finetune``)
+    the reward adapter with it.
 
     ``log(step, metrics)`` gets loss, accuracy, margin, lr every step (a head
     epoch is a step); eval/accuracy, eval/margin, eval/loss at every evaluation;
@@ -264,12 +267,21 @@ def train(stack: ModelStack, elements: Sequence[Element], config: RewardConfig, 
     training stops once the held-out loss has not improved for ``patience``
     evaluations, and keeps the best state. ``checkpoint()`` runs between steps
     (cancel / pause)."""
-    train_set, held_out = split_by_prompt(elements, config.eval_fraction)
-    if not train_set:
+    if not elements:
         raise UserError("no preference pairs to train on: label some comparisons or `rlhf import` a file")
     readout = config.readout_for(stack)
     torch.manual_seed(config.seed)
     stack.ensure_adapter(ADAPTER)
+    if config.heads > 1:
+        # Imported here: rlhf.reward_ensemble builds on this module's Phase and schedule.
+        from rlhf.reward_ensemble import fit_ensemble
+
+        set_total(planned_epochs(config, True, "head"))
+        bagged, judged = fit_ensemble(stack, elements, readout, config, log, checkpoint)
+        return TrainResult(steps=bagged.steps, eval=bagged.eval, n_train=len(elements), n_eval=judged,
+                           epochs=bagged.epochs, best_step=bagged.best_step, stopped_early=bagged.stopped_early,
+                           readout=readout)
+    train_set, held_out = split_by_prompt(elements, config.eval_fraction)
     head_epochs = planned_epochs(config, bool(held_out), "head")
     tuning_steps = (len(plan_steps(train_set, config, random.Random(config.seed),
                                    planned_epochs(config, bool(held_out), "finetune")))

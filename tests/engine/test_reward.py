@@ -390,7 +390,7 @@ def test_early_stopping_keeps_the_best_held_out_state(store, tiny_stack):
         store.add_imported_pair(f"Question {i}", " ".join(rng.choices(WORDS, k=5)),
                                 " ".join(rng.choices(WORDS, k=5)), "noise", f"n{i}")
     elements = store_elements(store, tiny_stack.tokenizer)
-    config = RewardConfig(lr=3e-2, max_epochs=500, patience=5, eval_fraction=0.3)
+    config = RewardConfig(lr=3e-2, max_epochs=500, patience=5, eval_fraction=0.3, ensemble=1)
     losses: list[float] = []
     result = train(tiny_stack, elements, config,
                    log=lambda step, m: losses.append(m["eval/loss"]) if "eval/loss" in m else None)
@@ -398,3 +398,69 @@ def test_early_stopping_keeps_the_best_held_out_state(store, tiny_stack):
     assert result.eval.loss == pytest.approx(min(losses), abs=1e-6)
     _, held_out = split_by_prompt(elements, config.eval_fraction)
     assert evaluate_elements(tiny_stack, held_out, result.readout).loss == pytest.approx(min(losses), abs=1e-4)
+    # An ensemble stops once no head's out-of-bag loss improves, each head at its best.
+    bagged = train(tiny_stack, elements, RewardConfig(lr=3e-2, max_epochs=500, patience=5, ensemble=4),
+                   log=lambda step, m: losses.append(m["eval/loss"]))
+    assert bagged.stopped_early and bagged.epochs < 500
+    assert bagged.eval.loss <= min(losses[-bagged.steps:]) + 1e-6
+
+
+# --- the ensemble of heads ----------------------------------------------------------------
+
+
+def test_out_of_bag_judges_each_comparison_by_the_heads_that_never_saw_its_prompt():
+    from rlhf.reward_ensemble import bootstrap_counts, out_of_bag
+    from rlhf.reward_loss import Comparisons
+
+    two = dict(sequences=[[1]] * 2, pairs=[(0, 1)], lengths=[1, 1])
+    counts = bootstrap_counts([Element(p, **two) for p in ("a", "a", "b", "c")], 50, seed=0)
+    assert counts.shape == (50, 4)
+    assert torch.equal(counts[:, 0], counts[:, 1])        # a prompt's comparisons are drawn together
+    assert (counts[:, [0, 2, 3]].sum(1) == 3).all()        # each resample draws as many prompts as there are
+    assert (counts == 0).any()                             # and leaves some out
+
+    layout = Comparisons([Element(p, **two) for p in ("a", "b", "c")])
+    counts = torch.tensor([[1.0, 0.0, 2.0],                # head 0 left out b
+                           [0.0, 1.0, 2.0]])               # head 1 left out a; c is in every resample
+    rewards = torch.tensor([[9.0, 1.0], [0.0, 0.0],        # a: head 1 says +1 (head 0 saw it: ignored)
+                            [0.0, 9.0], [2.0, 0.0],        # b: head 0 says -2
+                            [0.0, 0.0], [9.0, 9.0]])       # c: judged by no one
+    result = out_of_bag(layout, rewards, counts)
+    assert (result.accuracy, result.n_pairs, result.margin) == (0.5, 2, -0.5)
+    assert result.loss == pytest.approx((math.log(1 + math.exp(-1)) + math.log(1 + math.exp(2))) / 2, abs=1e-6)
+
+
+def test_an_ensemble_trains_on_every_label_and_its_version_scores_with_the_heads_mean(store, tiny_stack, tiny_dir,
+                                                                                      tmp_path):
+    from rlhf.model_options import ModelOptions
+    from rlhf.models import load_stack
+    from rlhf.reward_scoring import head_rewards
+
+    synthetic_pairs(store, 48)
+    elements = store_elements(store, tiny_stack.tokenizer)
+    config = RewardConfig(lr=1e-2, max_epochs=400, patience=20, ensemble=5)
+    logged: dict[int, dict[str, float]] = {}
+    result = train(tiny_stack, elements, config, log=lambda step, m: logged.__setitem__(step, m))
+    assert result.n_train == len(elements)                   # nothing set aside
+    assert result.n_eval > len(elements) // 2                # most prompts left out by some head
+    assert result.eval.n_pairs >= result.n_eval and result.eval.accuracy >= 0.9, result
+    assert {"loss", "eval/accuracy", "eval/loss"} <= set(logged[1])
+    assert tiny_stack.reward_head.out_features == 5
+
+    sequences = [s for e in elements for s in e.sequences]
+    lengths = [n for e in elements for n in e.lengths]
+    readout = result.readout
+    heads = head_rewards(tiny_stack, sequences, lengths, readout)
+    assert heads.std(1).mean() > 0                            # the resamples disagree somewhat
+    tiny_stack.save_adapter("reward", tmp_path / "ensemble")
+    fresh = load_stack(ModelOptions(source=tiny_dir, quantize=False, device="cpu"))
+    fresh.load_adapter("reward", tmp_path / "ensemble")
+    assert fresh.reward_head.out_features == 5
+    with fresh.role("reward"):
+        mean = raw_rewards(fresh, sequences, lengths, readout)
+    assert torch.allclose(mean, heads.mean(1), atol=1e-4)
+
+    train(tiny_stack, elements, RewardConfig(lr=1e-2, max_epochs=20, ensemble=1))
+    assert tiny_stack.reward_head.out_features == 1          # one head after five
+    tiny_stack.load_adapter("reward", tmp_path / "ensemble")
+    assert tiny_stack.reward_head.out_features == 5
