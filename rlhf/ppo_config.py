@@ -76,6 +76,11 @@ class PPOConfig:
         "off", help="score of an answer that never emitted EOS: off = the reward model's, replace = -penalty, "
                     "subtract = score - penalty")
     missing_eos_penalty: float = setting(1.0, help="the missing-EOS penalty")
+    # A conservative reward: the ensemble's mean less this many of its spread, so
+    # that answers the labels do not cover score lower (uncertainty-weighted
+    # optimization, Coste et al. 2023, arXiv 2310.02743). 0: the mean alone.
+    uncertainty_penalty: float = setting(0.0, help="maximize the reward ensemble's mean minus this many of its "
+                                                   "spread (0: the mean)")
     # -- optimisation
     # LoRA trains at ~10x the full-model rate (TRL's 3e-6 is for full weights).
     # Measured on the loop benchmark (`more=\d`, win-rate against the reference,
@@ -129,6 +134,8 @@ class PPOConfig:
         if self.algorithm == "rloo" and (self.rloo_k < 2 or self.batch_size % self.rloo_k):
             raise UserError(f"rloo needs at least 2 samples per prompt and a batch size that is a multiple of "
                             f"them: got --rloo-k {self.rloo_k} and --batch-size {self.batch_size}")
+        if self.uncertainty_penalty < 0:
+            raise UserError(f"--uncertainty-penalty must be at least 0, got {self.uncertainty_penalty}")
         if self.missing_eos not in MISSING_EOS_MODES:
             raise UserError(f"unknown missing-EOS setting {self.missing_eos!r}: use one of "
                             f"{', '.join(MISSING_EOS_MODES)}")

@@ -77,6 +77,7 @@ class Rollout:
     tokens: torch.Tensor         # [B, T] completion ids (pad after the end)
     mask: torch.Tensor           # [B, T] 1 on completion tokens, EOS included
     scores: torch.Tensor         # [B]
+    spread: torch.Tensor         # [B] the reward ensemble's disagreement (std over heads); 0 for one head or a rule
     logprobs: torch.Tensor       # [B, T] pi_bar, at the temperature
     ref_logprobs: torch.Tensor   # [B, T]
     values: torch.Tensor         # [B, T]
@@ -95,11 +96,12 @@ class Rollout:
 
 @torch.no_grad()
 def collect_rollout(stack: ModelStack, prompts: Sequence[str], config: PPOConfig, sampling: SamplingParams,
-                    score: Callable[[list[list[int]], Sequence[Sample]], torch.Tensor]) -> Rollout:
+                    score: Callable[[list[list[int]], Sequence[Sample]], tuple[torch.Tensor, torch.Tensor]]
+                    ) -> Rollout:
     """Steps 1-2 of an iteration: sample a completion per prompt from the policy
     (pi_bar), then, teacher-forced in chunks of ``forward_batch_size``, freeze its
     log-probs, the reference's and the value head's values; ``score`` gives each
-    sample its reward."""
+    sample its reward and the reward's spread."""
     tok = stack.tokenizer
     prompt_rows = [chat_prompt_ids(tok, p) for p in prompts]
     samples = generate(stack, prompt_rows, sampling, role="policy")
@@ -118,8 +120,8 @@ def collect_rollout(stack: ModelStack, prompts: Sequence[str], config: PPOConfig
             reference = completion_forward(stack, ids[rows], attention[rows], tokens[rows], context,
                                            config.temperature)
         ref_logprobs.append(reference.logprobs)
-    scores = score(prompt_rows, samples).to(stack.device)
-    return Rollout(list(prompts), samples, ids, attention, context, tokens, mask, scores,
+    scores, spread = score(prompt_rows, samples)
+    return Rollout(list(prompts), samples, ids, attention, context, tokens, mask, scores.to(stack.device), spread,
                    torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask, torch.cat(values) * mask)
 
 

@@ -138,21 +138,31 @@ class PPOSession:
         """A batch sampled from the policy as it is now, scored by ``score``."""
         return collect_rollout(self.stack, prompts, self.config, self.sampling, self.score)
 
-    def score(self, prompt_rows: list[list[int]], samples: Sequence[Sample]) -> torch.Tensor:
-        """The reward of each sample: the scorer's, normalized against the session's
-        reference on the session's first batch (which was sampled from it: the
-        policy as the session started), then the missing-EOS setting."""
+    def score(self, prompt_rows: list[list[int]], samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reward of each sample and its spread: the scorer's, normalized
+        against the session's reference on the session's first batch (which was
+        sampled from it: the policy as the session started); less
+        ``uncertainty_penalty`` times the reward ensemble's spread; then the
+        missing-EOS setting."""
         finished = [s.finish_reason == "eos" for s in samples]
-        scores = self.scorer.score_ids(prompt_rows, [s.token_ids for s in samples], finished).float()
+        ids = [s.token_ids for s in samples]
         model = self.reward_model
-        if model is not None and self.normalization is None:
-            norm = model.renormalize(scores)
-            scores = norm.gain * scores + norm.bias
-            self.normalization = {"reward_gain": model.gain, "reward_bias": model.bias,
-                                  "norm_batch_mean": norm.raw_mean, "norm_batch_std": norm.raw_std,
-                                  "norm_samples": norm.n_samples}
+        if model is None:
+            scores = self.scorer.score_ids(prompt_rows, ids, finished).float()
+            spread = torch.zeros_like(scores)
+        else:
+            heads = model.heads_ids(prompt_rows, ids).float()
+            if self.normalization is None:
+                norm = model.renormalize(heads.mean(-1))
+                heads = norm.gain * heads + norm.bias
+                self.normalization = {"reward_gain": model.gain, "reward_bias": model.bias,
+                                      "norm_batch_mean": norm.raw_mean, "norm_batch_std": norm.raw_std,
+                                      "norm_samples": norm.n_samples}
+            scores = heads.mean(-1)
+            spread = heads.std(-1) if heads.shape[-1] > 1 else torch.zeros_like(scores)
+        scores = scores - self.config.uncertainty_penalty * spread
         return pm.penalize_missing_eos(scores, torch.tensor(finished), self.config.missing_eos,
-                                       self.config.missing_eos_penalty)
+                                       self.config.missing_eos_penalty), spread
 
     def advantages(self, batch: Rollout) -> None:
         """Shaped rewards, GAE and whitened advantages (or RLOO's), stored on the batch."""
@@ -317,6 +327,10 @@ class PPOSession:
             "val/completion_tokens": float(lengths.mean()),
             "beta": beta,
         }
+        if self.reward_model is not None and self.reward_model.stack.reward_head.out_features > 1:
+            # The reward ensemble's disagreement on this batch: it rises when the policy
+            # leaves what the labels cover (over-optimization; Coste et al. 2023).
+            metrics["reward/spread"] = float(batch.spread.mean())
         if batch.returns.numel():  # PPO's value head; RLOO has none
             metrics["val/var_explained"] = pm.explained_variance(batch.values, batch.returns, batch.mask)
         corr = correlation(scores.tolist(), lengths.tolist())

@@ -118,7 +118,13 @@ class RewardScorer:
         """Normalized scores gain*r + bias, read as in training (EOS appended where a
         completion has none). Whether an unfinished completion is penalized
         is PPO's setting (rlhf.ppo_math.penalize_missing_eos), not the model's."""
-        return self.gain * self.raw_ids(prompt_ids, completion_ids) + self.bias
+        return self.heads_ids(prompt_ids, completion_ids).mean(-1)
+
+    def heads_ids(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[completions, heads]: each reward head's normalized score (the mean is
+        ``score_ids``; the spread, the ensemble's uncertainty, on the same scale)."""
+        sequences, lengths = self.sequences(prompt_ids, completion_ids)
+        return self.gain * head_rewards(self.stack, sequences, lengths, self.readout, self.batch_size) + self.bias
 
     def renormalize(self, scores: torch.Tensor) -> Normalization:
         """Fold an affine map into gain and bias so that ``scores`` (this scorer's

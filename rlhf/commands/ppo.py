@@ -20,7 +20,7 @@ PROGRESS = (("objective/scores", "score", "{:.3f}"), ("objective/scores_std", "s
             ("objective/entropy", "entropy", "{:.1f}"), ("val/ratio", "ratio", "{:.3f}"),
             ("policy/clipfrac", "clipfrac", "{:.2f}"), ("val/eos_fraction", "eos", "{:.2f}"),
             ("val/completion_tokens", "len", "{:.1f}"), ("val/score_length_corr", "r(score,len)", "{:+.2f}"),
-            ("time/iteration_s", "s", "{:.1f}"))
+            ("reward/spread", "spread", "{:.2f}"), ("time/iteration_s", "s", "{:.1f}"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -477,6 +477,30 @@ def test_without_eos_the_reward_model_still_speaks_when_the_penalty_is_off(store
     assert penalized.scores.tolist() == [-1.0] * 8
 
 
+def test_an_ensembles_spread_is_logged_and_a_conservative_session_subtracts_it(store, tiny_stack, tmp_path):
+    from rlhf.reward_scoring import load_scorer
+
+    tiny_stack.set_reward_heads(4)   # four random heads: they disagree
+    register_reward_model(tiny_stack, store, tmp_path / "rm")
+    plain = PPOSession(tiny_stack, load_scorer(tiny_stack, store), PROMPTS, small_config(seed=3))
+    batch = plain.rollout(PROMPTS * 2)
+    assert batch.spread.shape == batch.scores.shape and (batch.spread > 0).all()
+    prompt_rows = [chat_prompt_ids(tiny_stack.tokenizer, p) for p in batch.prompts]
+    heads = plain.reward_model.heads_ids(prompt_rows, [s.token_ids for s in batch.samples])
+    assert torch.allclose(batch.spread, heads.std(-1), atol=1e-4)     # on the scale PPO sees
+    assert torch.allclose(batch.scores, heads.mean(-1), atol=1e-4)
+    plain.advantages(batch)
+    assert plain.batch_metrics(batch, plain.beta)["reward/spread"] == pytest.approx(batch.spread.mean().item())
+
+    careful = PPOSession(tiny_stack, load_scorer(tiny_stack, store), PROMPTS, small_config(uncertainty_penalty=2.0))
+    careful.normalization = plain.normalization                        # the same scale, to compare
+    careful.reward_model.gain, careful.reward_model.bias = plain.reward_model.gain, plain.reward_model.bias
+    scores, spread = careful.score(prompt_rows, batch.samples)
+    assert torch.allclose(scores, batch.scores - 2.0 * batch.spread, atol=1e-4)
+    with pytest.raises(UserError, match="uncertainty-penalty"):
+        small_config(uncertainty_penalty=-1.0)
+
+
 def test_a_session_normalizes_against_its_own_reference(store, db_path, tiny_dir, tiny_stack, tmp_path):
     """Started from policy v1, the session's reference is v1, and its first batch
     (v1's answers) scores mean 0, std 1 whatever the reward version's own

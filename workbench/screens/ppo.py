@@ -29,7 +29,7 @@ from workbench.widgets.text import one_line
 # (metric, label, format) of the latest iteration in the status line, after the score.
 FIGURES = (("objective/kl", "KL", "{:.3g}"), ("beta", "beta", "{:.3g}"), ("val/ratio", "ratio", "{:.3g}"),
            ("val/eos_fraction", "EOS", "{:.0%}"), ("val/completion_tokens", "length", "{:.0f}"),
-           ("val/score_length_corr", "score~length r", "{:+.2f}"))
+           ("val/score_length_corr", "score~length r", "{:+.2f}"), ("reward/spread", "RM spread", "{:.2f}"))
 # (plot id, title, metric) for the plots over iterations.
 PLOTS = (("plot-score", "score", "objective/scores"), ("plot-kl", "KL (nats/seq)", "objective/kl"),
          ("plot-beta", "beta", "beta"), ("plot-entropy", "entropy", "objective/entropy"),
@@ -38,6 +38,9 @@ PLOTS = (("plot-score", "score", "objective/scores"), ("plot-kl", "KL (nats/seq)
          # how many answers finished: TRL's val/num_eos_tokens, as a fraction.
          ("plot-length", "mean length (tokens)", "val/completion_tokens"),
          ("plot-eos", "ended with EOS", "val/eos_fraction"))
+# Drawn over a plot: (plot id, metric, label). The reward ensemble's disagreement
+# beside the score: rising, the policy has left what the labels cover (Coste et al. 2023).
+OVERLAYS = (("plot-score", "reward/spread", "RM spread"),)
 # The screen's settings start at the session defaults (rlhf.ppo_config).
 DEFAULT = PPOConfig()
 ROLLOUT_COLUMNS = ("prompt", "completion", "score", "KL")
@@ -190,8 +193,12 @@ class PPOScreen(JobScreen[Snapshot]):
             plt.clear_data()
             plt.title(title)
             points = self.series.get(name)
-            if points:
-                plt.plot([s for s, _ in points], [v for _, v in points], marker="braille")
+            overlay = [(self.series.get(metric), label) for where, metric, label in OVERLAYS if where == plot_id]
+            drawn = [(points, title)] + [(p, label) for p, label in overlay if p]
+            for series, label in drawn:
+                if series:
+                    plt.plot([s for s, _ in series], [v for _, v in series], marker="braille",
+                             label=label if len(drawn) > 1 else None)
             widget.refresh()
         # Reward against KL: how much score each nat of drift bought (over-optimization
         # shows as KL growing while the score flattens).
