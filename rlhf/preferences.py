@@ -15,10 +15,16 @@ from __future__ import annotations
 from collections import Counter
 from itertools import combinations
 
+from typing import TYPE_CHECKING
+
 from rlhf.errors import UserError
+from rlhf.label_order import ordered, set_uncertainties
 from rlhf.rows import LABEL_KINDS, Comparison
 from rlhf.rules import Rule, judge
 from rlhf.store import Store
+
+if TYPE_CHECKING:
+    from rlhf.reward_scoring import RewardScorer
 
 PAIRLESS_KINDS = ("tie", "all_bad", "skip")
 
@@ -67,15 +73,22 @@ def undo_last_label(store: Store, *, labeler: str | None = None,
     return last
 
 
-def label_by_rule(store: Store, rule: Rule, *, k: int = 4, rank: bool = False,
-                  limit: int | None = None) -> Counter[str]:
-    """Label every pending comparison (``Store.pending_sets``) as a labeler with the
+def label_by_rule(store: Store, rule: Rule, *, k: int = 4, rank: bool = False, limit: int | None = None,
+                  order: str = "added", scorer: RewardScorer | None = None, seed: int = 0) -> Counter[str]:
+    """Label pending comparisons (``Store.pending_sets``) as a labeler with the
     rule's taste would: the best of K (every one that shares the top, where
-    not all K do), a tie where all score the same, or with
-    ``rank`` a full ranking where all K differ. Recorded as ordinary comparisons
-    by the labeler ``rule:NAME``. Returns how many labels of each kind."""
+    not all K do), a tie where all score the same, or with ``rank`` a full
+    ranking where all K differ. Recorded as ordinary comparisons by the labeler
+    ``rule:NAME``. With ``limit``, which ones: the first in ``order``
+    (rlhf.label_order: as added, at random, or where ``scorer``'s ensemble is
+    least sure). Returns how many labels of each kind."""
+    pending = store.pending_sets(k)
+    uncertainty = None
+    if order == "uncertain" and scorer is not None:
+        uncertainty = set_uncertainties(scorer, [(store.prompt(pid).text, shown) for pid, shown in pending])
     kinds: Counter[str] = Counter()
-    for prompt_id, shown in store.pending_sets(k)[:limit]:
+    for i in ordered(pending, order, uncertainty=uncertainty, seed=seed)[:limit]:
+        prompt_id, shown = pending[i]
         verdict = judge([rule(c.text, c.token_ids or (), c.finish_reason == "eos") for c in shown], rank=rank)
         record_label(store, prompt_id, [c.id for c in shown], verdict.kind, verdict.choice, labeler=rule.labeler)
         kinds[verdict.kind] += 1

@@ -198,3 +198,9 @@ class Readout:
 def default_layer(depth: int) -> int:
     """A third of the way up (10 of SmolLM2-135M's 30 layers): see RewardConfig.readout."""
     return max(1, round(depth / 3))
+
+
+def held_out_name(meta: dict[str, Any]) -> str:
+    """What a saved version's held-out figure is: out-of-bag for an ensemble (each
+    pair judged by the heads that never saw its prompt), else a held-out split."""
+    return "out-of-bag" if int(meta.get("heads", 1)) > 1 else "held-out"

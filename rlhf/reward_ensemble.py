@@ -62,15 +62,30 @@ def out_of_bag(layout: Comparisons, rewards: torch.Tensor, counts: torch.Tensor)
 
 def fit_ensemble(stack: ModelStack, elements: Sequence[Element], readout: Readout, config: RewardConfig,
                  log: Callable[[int, dict[str, float]], None], checkpoint: Callable[[], None]) -> tuple[Phase, int]:
-    """Train ``config.ensemble`` heads on every element; returns the phase (its
-    eval out-of-bag) and how many elements the out-of-bag figure judged. The
-    standardization of the features is folded into the heads, which read raw ones."""
+    """Train ``config.ensemble`` heads on every element into the stack's reward
+    head; returns the phase (its eval out-of-bag) and how many elements the
+    out-of-bag figure judged."""
     layout = Comparisons(elements, config.best_of_k)
     x = batched_features(stack, layout.sequences, layout.lengths, readout, config.batch_size * 4)
+    counts = bootstrap_counts(elements, config.ensemble, config.seed)
+    weight, bias, phase = fit_heads(x, layout, counts, config, log, checkpoint)
+    with torch.no_grad():
+        stack.set_reward_heads(config.ensemble)
+        stack.reward_head.weight.copy_(weight.T.to(stack.reward_head.weight))
+        stack.reward_head.bias.copy_(bias.to(stack.reward_head.bias))
+    return phase, int((counts == 0).any(0).sum())
+
+
+def fit_heads(x: torch.Tensor, layout: Comparisons, counts: torch.Tensor, config: RewardConfig,
+              log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
+              checkpoint: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, torch.Tensor, Phase]:
+    """Heads on features ``x`` [sequences, features] laid out by ``layout``, head h
+    weighting element e ``counts[h, e]`` times (0: out of its bag). Returns weight
+    [features, heads] and bias [heads] that read raw features (the standardization
+    the training used is folded in), and the phase, its eval out-of-bag."""
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6) if len(x) > 1 else torch.ones(x.shape[1])
     z = (x - mean) / std
-    n = config.ensemble
-    counts = bootstrap_counts(elements, n, config.seed)                # [heads, elements]
+    n = counts.shape[0]
     left_out = counts == 0
     has_oob = left_out.any(1)                                          # heads with something to stop on
     weight = torch.zeros(x.shape[1], n, requires_grad=True)
@@ -119,11 +134,8 @@ def fit_ensemble(stack: ModelStack, elements: Sequence[Element], readout: Readou
             weight[:, has_oob] = best_weight[:, has_oob]
             bias[has_oob] = best_bias[has_oob]
         result = out_of_bag(layout, z @ weight + bias, counts)
-        stack.set_reward_heads(n)
-        head = stack.reward_head
-        w = weight / std[:, None]                                      # [features, heads], raw features in
-        head.weight.copy_(w.T.to(head.weight))
-        head.bias.copy_((bias - mean @ w).to(head.bias))
+        raw_weight = weight / std[:, None]                             # [features, heads], raw features in
+        raw_bias = bias - mean @ raw_weight
     kept = int(best_epoch[has_oob].max()) if early else epoch
-    judged = int(left_out.any(0).sum())
-    return Phase(steps=epoch, epochs=float(epoch), eval=result, best_step=kept, stopped_early=stop), judged
+    return raw_weight.detach(), raw_bias.detach(), Phase(steps=epoch, epochs=float(epoch), eval=result,
+                                                         best_step=kept, stopped_early=stop)

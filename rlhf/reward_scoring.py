@@ -123,8 +123,14 @@ class RewardScorer:
     def heads_ids(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """[completions, heads]: each reward head's normalized score (the mean is
         ``score_ids``; the spread, the ensemble's uncertainty, on the same scale)."""
+        return self.gain * self.raw_heads_ids(prompt_ids, completion_ids) + self.bias
+
+    def raw_heads_ids(self, prompt_ids: Sequence[Sequence[int]],
+                      completion_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[completions, heads]: each head's raw reward, the scale its Bradley–Terry
+        probabilities were trained on."""
         sequences, lengths = self.sequences(prompt_ids, completion_ids)
-        return self.gain * head_rewards(self.stack, sequences, lengths, self.readout, self.batch_size) + self.bias
+        return head_rewards(self.stack, sequences, lengths, self.readout, self.batch_size)
 
     def renormalize(self, scores: torch.Tensor) -> Normalization:
         """Fold an affine map into gain and bias so that ``scores`` (this scorer's

@@ -68,12 +68,16 @@ def summary_lines(version: int, meta: dict[str, Any]) -> list[str]:
     interval, how long it trained, and the length check."""
     from rlhf.stats import rate_text
 
+    from rlhf.reward_config import held_out_name
+
     accuracy = meta.get("eval_accuracy")
-    held = (f"held-out accuracy {rate_text(accuracy, int(meta['eval_pairs']), independent=meta.get('eval_elements'))}"
+    held = (f"{held_out_name(meta)} accuracy {rate_text(accuracy, int(meta['eval_pairs']), independent=meta.get('eval_elements'))}"
             if meta.get("eval_pairs") else "no held-out pairs (too few prompts): accuracy unknown")
     kept = " (early stopping: kept step {best_step})".format(**meta) if meta.get("stopped_early") else ""
     readout = meta.get("readout") or {}
-    how = (f"the head{' and the adapter' if meta.get('finetuned') else ''} on layer {readout.get('layer', '?')} "
+    heads = int(meta.get("heads", 1))
+    what = f"an ensemble of {heads} heads" if heads > 1 else "the head"
+    how = (f"{what}{' and the adapter' if meta.get('finetuned') else ''} on layer {readout.get('layer', '?')} "
            f"({readout.get('pool', '?')} read-out)")
     lines = [f"reward version {version} saved: {held}",
              f"trained {how}: {meta.get('steps', 0)} steps, {meta.get('epochs', 0):.1f} epochs{kept}"]

@@ -7,6 +7,7 @@ import argparse
 
 from rlhf.commands.common import add_model_options, add_sampling_options, at_least, model_options, open_db, say
 from rlhf.errors import UserError
+from rlhf.label_order import ORDERS
 from rlhf.rules import BUILT_IN
 
 
@@ -23,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("label", help="label the comparisons waiting for a label by a rule (a scripted labeler)",
                        description="Label every sampled set of K completions not labeled yet, as a labeler "
-                                   "with a known taste would: the best of K (a tie where the top is shared). "
+                                   "with a known taste would: the best of K (every one that shares the top; "
+                                   "a tie where all K are equal). "
                                    "Labels are recorded by the labeler rule:NAME and train the reward model "
                                    "like your own. Rules: " + ", ".join(BUILT_IN) + ", or module:function "
                                    "(yours: text in, number out); see rlhf/rules.py for what each prefers.")
@@ -32,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", action="store_true",
                    help="rank all K where the rule tells them all apart (all C(K,2) pairs), else pick the best")
     p.add_argument("--limit", type=at_least(1), default=None, help="at most this many comparisons")
+    p.add_argument("--order", choices=ORDERS, default="added",
+                   help="which to label first, with --limit: as added (default), random, or uncertain (where the "
+                        "latest reward model's ensemble disagrees most)")
+    p.add_argument("--seed", type=int, default=0, help="the shuffle of --order random")
+    add_model_options(p)
     p.set_defaults(func=cmd_label)
 
 
@@ -75,7 +82,17 @@ def cmd_label(args: argparse.Namespace) -> int:
         if not store.pending_sets(args.k):
             raise UserError(f"no comparisons waiting for a label in {store.path}: sample some first "
                             "(`rlhf sample --k 4`)")
-        kinds = label_by_rule(store, rule, k=args.k, rank=args.rank, limit=args.limit)
+        scorer = None
+        if args.order == "uncertain":
+            from rlhf.models import load_stack
+            from rlhf.reward_scoring import load_scorer
+
+            if store.checkpoint("reward") is None:
+                raise UserError("--order uncertain needs a reward model to ask: train one first "
+                                "(`rlhf train-reward`), or use --order added")
+            scorer = load_scorer(load_stack(model_options(args), progress=say), store)
+        kinds = label_by_rule(store, rule, k=args.k, rank=args.rank, limit=args.limit, order=args.order,
+                              scorer=scorer, seed=args.seed)
         pairs = len(store.pairs(labeler=rule.labeler))
     done = sum(kinds.values())
     parts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))

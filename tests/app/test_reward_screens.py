@@ -38,7 +38,7 @@ async def test_train_screen_cancels_then_trains_with_live_plots(store, tiny_stac
         await wait_for(pilot, lambda: screen.job.status == "done" and store.checkpoint("reward"), 120)
         await wait_for(pilot, lambda: "reward v1" in str(screen.query_one("#train-status").render()), 10)
         status = str(screen.query_one("#train-status").render())
-        assert "held-out accuracy" in status and "95% CI" in status and "score~length r" in status
+        assert "out-of-bag accuracy" in status and "95% CI" in status and "score~length r" in status
         total = screen.job.total_steps
         assert [s for s, _ in screen.series["loss"]] == list(range(1, total + 1))
         assert screen.series["eval/accuracy"]

@@ -17,7 +17,7 @@ from textual.containers import Horizontal
 from textual.widgets import Button, Label, ProgressBar, Select, Static
 from textual_plotext import PlotextPlot
 
-from rlhf.reward_config import RewardConfig
+from rlhf.reward_config import RewardConfig, held_out_name
 from rlhf.rows import Checkpoint, Job
 from rlhf.stats import rate_text
 from rlhf.store import Store
@@ -123,7 +123,7 @@ class TrainScreen(JobScreen[Snapshot]):
         if checkpoint is None:
             return f"{head}. {pairs}."
         meta = checkpoint.meta
-        parts = [f"reward v{checkpoint.version} (job {checkpoint.job_id}): held-out accuracy "
+        parts = [f"reward v{checkpoint.version} (job {checkpoint.job_id}): {held_out_name(meta)} accuracy "
                  + rate_text(meta.get("eval_accuracy"), int(meta.get("eval_pairs", 0)),
                              independent=meta.get("eval_elements"))]
         if "epochs" in meta:
