@@ -5,7 +5,10 @@ No widgets here (the label screen draws what the deck holds), so the rules can
 be read, and tested, on their own:
 
 - Prompts come in id order; the deck opens on the first unlabeled one, and a
-  label moves on to the next unlabeled prompt (wrapping round).
+  label moves on to the next unlabeled prompt (wrapping round). The order of
+  what comes next is a setting (``order``): as added, random, or uncertain
+  first (prompts whose waiting set the reward ensemble is least sure of, from
+  ``uncertainty``; the rest as added).
 - A prompt shows K completions of the current policy version. The latest K in
   the store are reused (a reopened workbench does not resample what it already
   sampled); otherwise the screen asks for new ones.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import random
 
+from rlhf.label_order import ORDERS
 from rlhf.rows import Completion, Prompt
 from rlhf.store import Store
 
@@ -31,6 +35,9 @@ class Deck:
         self._unlabeled: set[int] = set()
         self._sets: dict[int, list[Completion]] = {}  # prompt id -> completions in display order
         self.current_id: int | None = None
+        self.order = "added"
+        self.uncertainty: dict[int, float] = {}   # prompt id -> the ensemble's doubt about its waiting set
+        self._random_key: dict[int, float] = {}   # the 'random' order, drawn once per prompt
         self.reload()
         unlabeled = [pid for pid in self.prompt_ids if pid in self._unlabeled]
         self.current_id = unlabeled[0] if unlabeled else (self.prompt_ids[0] if self.prompt_ids else None)
@@ -84,16 +91,33 @@ class Deck:
         self.current_id = self.prompt_ids[i]
         return True
 
+    def set_order(self, order: str) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"unknown order {order!r}")
+        self.order = order
+
     def next_unlabeled(self) -> int | None:
-        """The first unlabeled prompt after the current one, wrapping round; None
-        when every other prompt is labeled."""
+        """The next unlabeled prompt by the order; None when every other prompt is
+        labeled. As added: the first after the current one, wrapping round."""
         n = len(self.prompt_ids)
         start = self.position
-        for offset in range(1, n + 1):
-            pid = self.prompt_ids[(start + offset) % n]
-            if pid in self._unlabeled and pid != self.current_id:
-                return pid
-        return None
+        waiting = [pid for offset in range(1, n + 1)
+                   if (pid := self.prompt_ids[(start + offset) % n]) in self._unlabeled and pid != self.current_id]
+        if self.order == "random" and waiting:
+            for pid in waiting:
+                self._random_key.setdefault(pid, self.rng.random())
+            return min(waiting, key=self._random_key.__getitem__)
+        if self.order == "uncertain":
+            known = [pid for pid in waiting if pid in self.uncertainty]
+            if known:
+                return max(known, key=self.uncertainty.__getitem__)
+        return waiting[0] if waiting else None
+
+    def waiting_sets(self, policy_version: int) -> list[tuple[int, list[Completion]]]:
+        """Sampled sets of this policy version not labeled yet, on unlabeled prompts:
+        what the reward ensemble can be asked about."""
+        return [(pid, shown) for pid, shown in self.store.pending_sets(self.k)
+                if pid in self._unlabeled and shown[0].policy_version == policy_version]
 
     # -- completion sets
 

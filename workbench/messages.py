@@ -126,3 +126,12 @@ class DriftAnswered(Message):
         super().__init__()
         self.pair = pair
         self.blind = blind
+
+
+class UncertaintyMeasured(Message):
+    """How unsure the reward ensemble is of each waiting prompt's set: prompt id ->
+    the heads' disagreement about the pick (rlhf.label_order)."""
+
+    def __init__(self, uncertainty: dict[int, float]) -> None:
+        super().__init__()
+        self.uncertainty = uncertainty

@@ -45,6 +45,7 @@ from workbench.messages import (
     SamplingFailed,
     SamplingSkipped,
     ScoresReady,
+    UncertaintyMeasured,
 )
 
 if TYPE_CHECKING:
@@ -268,6 +269,27 @@ class ModelHost:
     def score_labeled(self, requester: DOMNode) -> Worker[None]:
         """Every labeled pair with both scores: LabeledPairsScored to ``requester``."""
         return _in_thread(requester, partial(self._score_labeled, requester), "reward-pairs", exclusive=True)
+
+    def measure_uncertainty(self, requester: DOMNode, sets: Sequence[tuple[int, Sequence[Completion]]]) -> None:
+        """How unsure the latest reward version is of each (prompt id, completions)
+        set: UncertaintyMeasured to ``requester``. Nothing without a reward version."""
+        if self.reward_available and sets:
+            _in_thread(requester, partial(self._uncertainty, requester, list(sets)), "reward-uncertainty",
+                       exclusive=True)
+
+    def _uncertainty(self, requester: DOMNode, sets: list[tuple[int, Sequence[Completion]]]) -> None:
+        from rlhf.label_order import set_uncertainties
+
+        try:
+            with self.lock:
+                scorer = self._scorer()
+                if scorer is None:
+                    return
+                values = set_uncertainties(scorer, [(self.store.prompt(pid).text, shown) for pid, shown in sets])
+        except Exception:  # the order is a help: the queue keeps its order
+            log.exception("measuring the reward model's uncertainty failed")
+            return
+        requester.post_message(UncertaintyMeasured(dict(zip((pid for pid, _ in sets), values))))
 
     def _score(self, requester: DOMNode, prompt_id: int, completions: list[Completion]) -> None:
         try:

@@ -607,3 +607,24 @@ async def test_the_import_dialog_names_a_path_that_is_not_there(store, tmp_path)
         await pilot.press("escape")
         await wait_for(pilot, lambda: not app.screen.query("#import-path"))
     assert store.pairs() == []
+
+
+async def test_the_order_key_cycles_and_uncertain_first_takes_the_least_sure_next(store):
+    from workbench.messages import UncertaintyMeasured
+    from workbench.widgets.status_line import StatusLine
+
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        first = screen.shown_prompt_id
+        await pilot.press("o", "o")
+        assert screen.deck.order == "random" and "order random" in str(screen.query_one(StatusLine).render())
+        await pilot.press("o", "o")              # round to uncertain first: no reward model yet, said so
+        assert screen.deck.order == "uncertain"
+        assert "order uncertain first" in str(screen.query_one(StatusLine).render())
+        others = [pid for pid in screen.deck.prompt_ids if pid != first]
+        screen.post_message(UncertaintyMeasured({others[0]: 0.1, others[-1]: 0.9}))
+        await wait_for(pilot, lambda: screen.deck.uncertainty)
+        await pilot.press("1")
+        await wait_for(pilot, lambda: screen.shown_prompt_id not in (None, first))
+        assert screen.shown_prompt_id == others[-1]

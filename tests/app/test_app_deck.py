@@ -48,3 +48,22 @@ def test_exact_order_is_kept_and_sampled_sets_are_shuffled(store):
     reversed_ids = list(reversed(ids))
     assert [c.id for c in deck.set_exact(1, reversed_ids)] == reversed_ids
     assert [c.id for c in deck.display_set(1, 0)] == reversed_ids
+
+
+def test_what_comes_next_follows_the_order(store):
+    store.add_prompts(["a", "b", "c", "d", "e"])
+    for pid in (2, 4, 5):                                        # sampled, waiting for a label
+        store.add_completions(pid, _rows(2, 0))
+    store.add_completions(3, _rows(2, 1))                        # another policy version's set
+    deck = Deck(store, k=2, rng=random.Random(0))
+    assert deck.current_id == 1 and deck.next_unlabeled() == 2  # as added
+    assert [pid for pid, _ in deck.waiting_sets(0)] == [2, 4, 5]
+    deck.set_order("uncertain")
+    assert deck.next_unlabeled() == 2                            # nothing measured yet: as added
+    deck.uncertainty = {2: 0.1, 4: 0.6, 5: 0.3}
+    assert deck.next_unlabeled() == 4
+    deck.mark_labeled(4)
+    assert deck.next_unlabeled() == 5
+    deck.set_order("random")
+    firsts = {deck.next_unlabeled() for _ in range(3)}
+    assert len(firsts) == 1 and firsts <= {2, 3, 5}              # drawn once: the same until labeled

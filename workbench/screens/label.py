@@ -19,9 +19,10 @@ from textual.binding import Binding
 from textual.containers import Container, Horizontal, Vertical
 from textual.widgets import Static
 
+from rlhf.label_order import ORDERS
 from rlhf.rows import Completion
 from workbench.deck import Deck
-from workbench.messages import ScoresReady
+from workbench.messages import ScoresReady, UncertaintyMeasured
 from workbench.screens.dialogs import PromptEditor
 from workbench.screens.label_keys import LabelKeys
 from workbench.screens.label_sampling import LabelSampling
@@ -34,6 +35,7 @@ MAX_K = 6
 # Below this many columns the completions stack vertically: four columns of
 # fewer than 25 characters are harder to read than one scrolled column.
 NARROW_COLUMNS = 100
+ORDER_NAMES = {"added": "as added", "random": "random", "uncertain": "uncertain first"}
 
 
 class LabelScreen(LabelKeys, LabelSampling):
@@ -54,6 +56,8 @@ class LabelScreen(LabelKeys, LabelSampling):
         Binding("a", "add_prompt", "Add", tooltip="Add a prompt"),
         Binding("e", "edit_prompt", "Edit", tooltip="Edit this prompt"),
         Binding("l", "toggle_list", "List", tooltip="Show or hide the prompt list"),
+        Binding("o", "cycle_order", "Order", show=False,
+                tooltip="What comes next: as added, random, or where the reward model is least sure"),
         Binding("g", "label_by_rule", "Rule", show=False,
                 tooltip="Label every waiting comparison by a rule (a scripted labeler with a known taste)"),
         Binding("escape", "clear_ranking", "Clear ranking", show=False, tooltip="Clear a half-entered ranking"),
@@ -200,6 +204,8 @@ class LabelScreen(LabelKeys, LabelSampling):
             status.mode = f"shared best: {marked} (= records)" if marked else "shared best: press their numbers, then ="
         else:
             status.mode = "pick best"
+        # The order is shown where it is not the default.
+        status.order = "" if deck.order == "added" else ORDER_NAMES[deck.order]
         nxt = deck.next_unlabeled()
         self._want(deck.current_id, nxt)
         status.next_state = self._next_state(nxt)
@@ -235,6 +241,31 @@ class LabelScreen(LabelKeys, LabelSampling):
         """Reward-model scores of the shown completions, in display order (None clears)."""
         for i, card in enumerate(self.cards):
             card.set_score(scores[i] if scores is not None and i < len(scores) else None)
+
+    # -- which prompt comes next (rlhf.label_order)
+
+    def action_cycle_order(self) -> None:
+        assert self.deck is not None
+        order = ORDERS[(ORDERS.index(self.deck.order) + 1) % len(ORDERS)]
+        self.deck.set_order(order)
+        if order == "uncertain":
+            if not self.wb.model_host.reward_available:
+                self.notify("uncertain first needs a reward model: train one (F2); until then, as added",
+                            severity="warning", timeout=4)
+            else:
+                self.wb.model_host.measure_uncertainty(self, self.deck.waiting_sets(self.wb.policy_version))
+        self.notify(f"next: {ORDER_NAMES[order]}", timeout=2)
+        self._status()
+
+    def on_screen_resume(self) -> None:
+        # Back from the Train screen, say: a newer reward version may be less sure elsewhere.
+        if self.deck is not None and self.deck.order == "uncertain":
+            self.wb.model_host.measure_uncertainty(self, self.deck.waiting_sets(self.wb.policy_version))
+
+    def on_uncertainty_measured(self, message: UncertaintyMeasured) -> None:
+        assert self.deck is not None
+        self.deck.uncertainty = message.uncertainty
+        self._status()
 
     def set_agreement(self, text: str | None) -> None:
         """How often the reward model agrees with the labeler, e.g. '71% of 120'."""

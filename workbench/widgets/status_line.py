@@ -17,6 +17,7 @@ class StatusLine(Static):
     agreement: reactive[str | None] = reactive(None)
     mode: reactive[str] = reactive("pick best")
     next_state: reactive[str] = reactive("")
+    order: reactive[str] = reactive("")   # which prompt comes next, where not as added
 
     def render(self) -> Text:
         sep = ("  │  ", "dim")
@@ -29,6 +30,8 @@ class StatusLine(Static):
             ("RM agrees ", "dim"), (self.agreement or "—", "bold" if self.agreement else "dim"), sep,
             ("mode ", "dim"), (self.mode, "bold"),
         ]
+        if self.order:
+            parts += [sep, ("order ", "dim"), (self.order, "bold")]
         if self.next_state:
             parts += [sep, ("next ", "dim"), (self.next_state, "")]
         return Text.assemble(*parts)
