@@ -1,6 +1,6 @@
 """Labels chosen where the reward model is unsure against labels chosen at random.
 
-    python benchmarks/active.py [--rules RULE ...] [--pool 600] [--test 300]
+    python benchmarks/active.py [--rules RULE ...] [--pool 400] [--test 200]
                                 [--seeds 3] [--sizes 10 20 40 80] [--batch 5] [--quick]
 
 A scripted labeler with a known taste (rlhf.rules) labels answer pairs from
@@ -39,8 +39,8 @@ RULES = (r"more=\b(you|your)\b", r"more=\d")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rules", nargs="+", default=list(RULES), help="the labeler's tastes (rlhf.rules)")
-    p.add_argument("--pool", type=int, default=600, help="answer pairs the labels are chosen from")
-    p.add_argument("--test", type=int, default=300, help="held-out answer pairs the reward model is judged on")
+    p.add_argument("--pool", type=int, default=400, help="answer pairs the labels are chosen from")
+    p.add_argument("--test", type=int, default=200, help="held-out answer pairs the reward model is judged on")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 40, 80], help="label counts to judge at")
     p.add_argument("--batch", type=int, default=5, help="labels chosen per round (and the random start)")

@@ -20,12 +20,12 @@ import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, get_args
 
-import torch
-
 from rlhf.chat import chat_prompt_ids
 from rlhf.errors import UserError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where it is used: the app reads ORDERS without loading it
+    import torch
+
     from rlhf.reward_scoring import RewardScorer
     from rlhf.rows import Completion
 
@@ -36,6 +36,8 @@ ORDERS: tuple[str, ...] = get_args(Order)
 def pick_uncertainty(rewards: torch.Tensor) -> float:
     """[K, heads] raw rewards of one set -> the mutual information (nats) between
     which answer is best and which head is asked (0 for a single head)."""
+    import torch
+
     p = torch.softmax(rewards.float(), dim=0)                 # each head's distribution over the K
     mean = p.mean(1)
 
@@ -52,7 +54,9 @@ def set_uncertainties(scorer: RewardScorer, sets: Sequence[tuple[str, Sequence[C
     prompt_ids = {prompt: chat_prompt_ids(tok, prompt) for prompt, _ in sets}
     rows = [prompt_ids[prompt] for prompt, shown in sets for _ in shown]
     ids = [c.token_ids or tok(c.text, add_special_tokens=False)["input_ids"] for _, shown in sets for c in shown]
-    heads = scorer.raw_heads_ids(rows, ids) if rows else torch.zeros(0, 1)
+    if not rows:
+        return []
+    heads = scorer.raw_heads_ids(rows, ids)
     out, start = [], 0
     for _, shown in sets:
         out.append(pick_uncertainty(heads[start:start + len(shown)]))

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=at_least(2, at_most=6), default=4, help="completions shown per prompt, 2 to 6 (default 4)")
     parser.add_argument("--labeler", default=default_labeler(),
                         help="name recorded with every label (default: your user name)")
+    parser.add_argument("--repeat-every", type=at_least(0), default=None, metavar="N",
+                        help="show an earlier comparison again, unannounced, every N labels: your agreement with "
+                             "yourself, beside the reward model's (default 20; 0: never)")
     return parser
 
 
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace, db_path: Path) -> int:
     pick_device(model.device)  # --device cuda without a GPU: one line now, not an error on screen later
     with Store(db_path) as store, AppLock(store.path):
         quiet_libraries()
-        app = WorkbenchApp(store, k=args.k, labeler=args.labeler, model=model)
+        app = WorkbenchApp(store, k=args.k, labeler=args.labeler, model=model,
+                           **({} if args.repeat_every is None else {"repeat_every": args.repeat_every}))
         app.run()
     return app.return_code or 0
 

@@ -24,6 +24,7 @@ from textual.binding import Binding
 from textual.reactive import reactive
 from textual.worker import Worker, WorkerState
 
+from rlhf.consistency import REPEAT_EVERY
 from rlhf.errors import UserError
 from rlhf.prompts import load_sample_prompts
 from rlhf.sampling_params import SamplingParams
@@ -81,13 +82,14 @@ class WorkbenchApp(App[None]):
                  sampling_params: SamplingParams | None = None, policy_version: int | None = None,
                  rng: random.Random | None = None, load_samples: bool = True,
                  job_defaults: Mapping[str, Mapping[str, Any]] | None = None,
-                 drift_params: SamplingParams | None = None) -> None:
+                 drift_params: SamplingParams | None = None, repeat_every: int = REPEAT_EVERY) -> None:
         """``model`` (rlhf.models.ModelOptions) is loaded in a worker; a ready
         ``stack`` or a ``sampler`` (tests: a fake) skips loading.
         ``policy_version`` None means the latest trained policy, else the base.
         ``job_defaults`` (per job kind, 'reward' and 'ppo') go over the config of
         the jobs the screens start, ``drift_params`` answer the drift probes
-        (tests make both tiny)."""
+        (tests make both tiny). Every ``repeat_every`` labels an earlier comparison
+        comes back unannounced (rlhf.consistency; 0: never)."""
         super().__init__()
         if not 2 <= k <= 6:
             raise UserError(f"--k {k} is out of range: show 2 to 6 completions per prompt")
@@ -95,6 +97,7 @@ class WorkbenchApp(App[None]):
         self.k = k
         self.labeler = labeler or default_labeler()
         self.rng = rng or random.Random()
+        self.repeat_every = repeat_every
         self.model_host = ModelHost(store, k, notify=self.notify, options=model, stack=stack, sampler=sampler,
                                     sampling_params=sampling_params, policy_version=policy_version)
         self.sub_title = str(store.path)

@@ -94,6 +94,7 @@ class LabelScreen(LabelKeys, LabelSampling):
         self.watch(self.app, "agreement", self.set_agreement)
         self.watch(self.app, "prompts_added", self._prompts_added, init=False)
         self._show_model_state(self.wb.model_state)
+        self._show_self_agreement()
         self.show_current()
 
     def on_resize(self, event: events.Resize) -> None:
@@ -147,6 +148,9 @@ class LabelScreen(LabelKeys, LabelSampling):
         assert deck is not None
         self._clear_ranking()
         pid = deck.current_id
+        if self.repeat_of is not None and pid != self.repeat_of.prompt_id:
+            deck.forget(self.repeat_of.prompt_id)  # moved on without answering the repeat: drop it
+            self.repeat_of = None
         if pid is None:
             self.query_one("#prompt", Static).update("No prompts yet: press a to add one.")
             self._show_completions(None, [])
@@ -170,6 +174,8 @@ class LabelScreen(LabelKeys, LabelSampling):
         widget = self.query_one("#prompt", Static)
         widget.update(text)
         state = "labeled (a new label adds to it)" if self.deck.is_labeled(pid) else "not labeled yet"
+        if self.repeat_of is not None:
+            state = ""  # a comparison shown again is not announced (rlhf.consistency)
         widget.border_title = f"Prompt {pid}  ·  {self.deck.position + 1} of {len(self.deck.prompt_ids)}"
         widget.border_subtitle = state
 

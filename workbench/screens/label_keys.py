@@ -16,13 +16,16 @@ from typing import cast
 
 from textual import work
 
+from rlhf.consistency import PURPOSE as REPEAT
+from rlhf.consistency import pick_repeat, repeat_due, self_agreement
 from rlhf.errors import UserError
 from rlhf.preferences import record_label, undo_last_label
-from rlhf.rows import Completion
+from rlhf.rows import Comparison, Completion
 from workbench.deck import Deck
 from workbench.screens.base import WorkbenchScreen
 from workbench.screens.dialogs import RuleDialog
 from workbench.widgets.completion_card import CompletionCard
+from workbench.widgets.status_line import StatusLine
 
 LABEL_ACTIONS = ("pick", "label", "toggle_ranking", "share_top")
 
@@ -41,6 +44,7 @@ class LabelKeys(WorkbenchScreen):
         self.ranking_mode = False
         self.sharing_mode = False              # marking the completions that share the top
         self.ranking: list[int] = []           # shown positions (0-based), best first (or marked, sharing)
+        self.repeat_of: Comparison | None = None  # on screen again, unannounced (rlhf.consistency)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "pick" and parameters and int(cast(int, parameters[0])) > self.wb.k:
@@ -131,15 +135,23 @@ class LabelKeys(WorkbenchScreen):
         assert self.deck is not None and self.shown_prompt_id is not None
         pid = self.shown_prompt_id
         seconds = round(time.monotonic() - self._shown_at, 2)
+        repeat = self.repeat_of is not None and {c.id for c in self.shown} == set(self.repeat_of.completion_ids)
         try:
             record_label(self.wb.store, pid, [c.id for c in self.shown], kind, choice,
-                         labeler=self.wb.labeler, seconds=seconds)
+                         labeler=self.wb.labeler, seconds=seconds, purpose=REPEAT if repeat else "preference")
         except UserError as e:
             self.notify(str(e), severity="error")
             return
-        self.wb.model_host.measure_agreement(self)
-        self.deck.mark_labeled(pid)
-        self._list_mark(pid)
+        if repeat:
+            self.repeat_of = None
+            self.deck.forget(pid)  # the next visit shows the prompt's own set again
+            self._show_self_agreement()
+        else:
+            self.wb.model_host.measure_agreement(self)
+            self.deck.mark_labeled(pid)
+            self._list_mark(pid)
+            if self._show_a_repeat():
+                return
         nxt = self.deck.next_unlabeled()
         if nxt is None:
             self.notify("every prompt is labeled: add prompts (a), or resample one (r) to label it again",
@@ -148,6 +160,28 @@ class LabelKeys(WorkbenchScreen):
         else:
             self.deck.go(nxt)
         self.show_current()
+
+    def _show_a_repeat(self) -> bool:
+        """Every so often (rlhf.consistency) an earlier comparison comes back,
+        reshuffled; True when one is on screen."""
+        assert self.deck is not None
+        store, labeler = self.wb.store, self.wb.labeler
+        if not repeat_due(store, labeler, self.wb.repeat_every):
+            return False
+        earlier = pick_repeat(store, labeler, self.wb.rng)
+        if earlier is None or earlier.prompt_id not in self.deck.prompt_ids:
+            return False
+        order = list(earlier.completion_ids)
+        self.wb.rng.shuffle(order)
+        self.repeat_of = earlier
+        self.deck.set_exact(earlier.prompt_id, order)
+        self.deck.go(earlier.prompt_id)
+        self.show_current()
+        return True
+
+    def _show_self_agreement(self) -> None:
+        """The labeler against their earlier self, beside the reward model's agreement."""
+        self.query_one(StatusLine).self_agreement = self_agreement(self.wb.store, self.wb.labeler).text()
 
     def action_label_by_rule(self) -> None:
         def chosen(spec: str | None) -> None:

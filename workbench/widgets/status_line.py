@@ -15,6 +15,8 @@ class StatusLine(Static):
     policy_version: reactive[int] = reactive(0)
     # Filled by the reward model once one exists: "71% of 120 labels", say.
     agreement: reactive[str | None] = reactive(None)
+    # The labeler against their earlier self on repeated comparisons (rlhf.consistency), once there are some.
+    self_agreement: reactive[str] = reactive("—")
     mode: reactive[str] = reactive("pick best")
     next_state: reactive[str] = reactive("")
     order: reactive[str] = reactive("")   # which prompt comes next, where not as added
@@ -28,6 +30,8 @@ class StatusLine(Static):
             ("policy ", "dim"), (f"v{self.policy_version}" + (" (base)" if self.policy_version == 0 else ""),
                                  "bold"), sep,
             ("RM agrees ", "dim"), (self.agreement or "—", "bold" if self.agreement else "dim"), sep,
+            *([("you agree with you ", "dim"), (self.self_agreement, "bold"), sep] if self.self_agreement != "—"
+              else []),
             ("mode ", "dim"), (self.mode, "bold"),
         ]
         if self.order:
