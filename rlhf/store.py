@@ -400,7 +400,10 @@ class Store(Database):
             "completions": count("SELECT COUNT(*) AS n FROM completions"),
             "comparisons": sum(kinds.values()),
             "comparisons_by_kind": kinds,
-            "pairs_labeled": count("SELECT COUNT(*) AS n FROM pairs WHERE source = 'label'"),
+            # Training pairs: a drift judgement or a repeated comparison (rlhf.consistency) is not one.
+            "pairs_labeled": count("SELECT COUNT(*) AS n FROM pairs p LEFT JOIN comparisons c ON c.id = "
+                                   "p.comparison_id WHERE p.source = 'label' AND (c.purpose IS NULL OR "
+                                   "c.purpose = 'preference')"),
             "pairs_imported": count("SELECT COUNT(*) AS n FROM pairs WHERE source != 'label'"),
             "policy_versions": [r.version for r in self.checkpoints("policy")],
             "reward_versions": [r.version for r in self.checkpoints("reward")],

@@ -46,5 +46,5 @@ def test_self_agreement_counts_the_earlier_labels_pairs_kept(store):
     mine = self_agreement(store, "ann")
     assert (mine.repeats, mine.pairs, mine.agreed) == (2, 5, 3.0)
     assert mine.text() == "60% of 2"
-    assert len(store.pairs()) == 5                           # repeats are not training pairs
+    assert len(store.pairs()) == 5 == store.stats()["pairs_labeled"]   # repeats are not training pairs
     assert self_agreement(store, "bob").text() == "—"
