@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import combinations
-
 from typing import TYPE_CHECKING
 
 from rlhf.errors import UserError

@@ -92,7 +92,8 @@ def run_job(ctx: JobContext) -> None:
             "eval_pairs": result.eval.n_pairs, "eval_loss": result.eval.loss, "eval_elements": result.n_eval,
             "train_elements": result.n_train, "steps": result.steps, "epochs": result.epochs,
             "best_step": result.best_step, "stopped_early": result.stopped_early, "readout": asdict(readout),
-            "finetuned": config.finetune, "heads": config.heads, "sampling": ctx.store.sampling_definition(completion_ids),
+            "finetuned": config.finetune, "heads": config.heads,
+            "sampling": ctx.store.sampling_definition(completion_ids),
             "seconds": time.monotonic() - started, "sources": config.sources, "max_length": config.max_length,
             "max_completion_tokens": config.max_completion_tokens, "config": config.to_dict()}
     # Saved before anything else can fail: what training cost is never lost.

@@ -104,7 +104,8 @@ class RewardConfig:
     # fifth, so that a few dozen comparisons leave enough to stop on (an ensemble
     # stops each head on its own out-of-bag prompts instead). Evaluated at every epoch's end
     # and every eval_every steps within a long fine-tuning epoch.
-    eval_fraction: float = setting(0.2, help="fraction of prompts held out (a single head; an ensemble holds out per head)")
+    eval_fraction: float = setting(0.2, help="fraction of prompts held out (a single head; an ensemble holds out "
+                                             "per head)")
     eval_every: int = setting(20, help="with --finetune: also evaluate every N steps within an epoch (the head "
                                        "alone is evaluated after every epoch)")
     # Token budget per sequence (prompt is cut from its start first) and per completion.

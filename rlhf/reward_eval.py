@@ -5,7 +5,7 @@ it), and the labeled pairs it gets wrong, for the researcher to look at.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,21 +32,31 @@ def evaluate_elements(stack: ModelStack, elements: Sequence[Element], readout: R
     return layout.evaluate(rewards)
 
 
-def evaluate_texts(scorer: RewardScorer, pairs: Sequence[Any]) -> PairEval:
+def evaluate_texts(scorer: RewardScorer, pairs: Sequence[Any],
+                   progress: Callable[[int, int], None] = lambda done, total: None) -> PairEval:
     """Accuracy and mean normalized margin on (prompt, chosen, rejected) text pairs,
-    e.g. a public preference file read without importing it."""
+    e.g. a public preference file read without importing it. Batches hold pairs
+    of similar length (HH transcripts vary tenfold: one long pair would pad every
+    other in its batch to its length); ``progress(done, total)`` after each."""
     tok = scorer.stack.tokenizer
-    margins = []
-    for start in range(0, len(pairs), scorer.batch_size // 2 or 1):
-        chunk = pairs[start:start + (scorer.batch_size // 2 or 1)]
-        prompts = [chat_prompt_ids(tok, p.prompt) for p in chunk]
-        ids = [tok(t, add_special_tokens=False)["input_ids"] for p in chunk for t in (p.chosen, p.rejected)]
-        raw = scorer.raw_ids([q for q in prompts for _ in range(2)], ids)
-        margins.append(scorer.gain * (raw[0::2] - raw[1::2]))
-    if not margins:
+    encoded = []
+    for p in pairs:
+        prompt = chat_prompt_ids(tok, p.prompt)
+        chosen, rejected = (tok(t, add_special_tokens=False)["input_ids"] for t in (p.chosen, p.rejected))
+        encoded.append((prompt, chosen, rejected))
+    by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + max(map(len, encoded[i][1:])))
+    per_batch = max(1, scorer.batch_size // 2)
+    margins = torch.zeros(len(encoded))
+    for start in range(0, len(by_length), per_batch):
+        rows = by_length[start:start + per_batch]
+        raw = scorer.raw_ids([encoded[i][0] for i in rows for _ in range(2)],
+                             [encoded[i][j] for i in rows for j in (1, 2)])
+        margins[rows] = scorer.gain * (raw[0::2] - raw[1::2])
+        progress(start + len(rows), len(encoded))
+    if not encoded:
         return PairEval(float("nan"), float("nan"), 0)
-    m = torch.cat(margins)
-    return PairEval(accuracy=(m > 0).float().mean().item(), margin=m.mean().item(), n_pairs=len(m))
+    return PairEval(accuracy=(margins > 0).float().mean().item(), margin=margins.mean().item(),
+                    n_pairs=len(margins))
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rlhf.commands.common import add_model_options, at_least, config_options, given_settings, model_options, open_db, positive, say
@@ -123,6 +124,18 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
         return 1
 
 
+def tenths(template: str) -> Callable[[int, int], None]:
+    """A progress callback that says ``template`` (with done and total) at each tenth of the way."""
+    said = [-1]
+
+    def report(done: int, total: int) -> None:
+        tenth = done * 10 // max(total, 1)
+        if tenth != said[0]:
+            said[0] = tenth
+            say(template.format(done=done, total=total))
+    return report
+
+
 def cmd_eval_reward(args: argparse.Namespace) -> int:
     from rlhf.exchange_import import read_preference_file
     from rlhf.models import load_stack
@@ -144,7 +157,7 @@ def cmd_eval_reward(args: argparse.Namespace) -> int:
         scorer = load_scorer(stack, store, args.version)
         assert scorer is not None
         started = time.monotonic()
-        result = evaluate_texts(scorer, pairs)
+        result = evaluate_texts(scorer, pairs, progress=tenths("scored {done}/{total} pairs"))
     print(f"reward version {scorer.version}: accuracy {result.accuracy:.3f}, mean margin {result.margin:.3f} "
           f"(normalized units) on {result.n_pairs} pairs of {args.file} ({time.monotonic() - started:.0f} s)")
     return 0

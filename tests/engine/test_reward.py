@@ -318,8 +318,29 @@ def test_train_reward_follows_the_job_then_eval_reward_reads_a_file(capsys, db_p
     accuracy = float(out.split("accuracy ")[1].split(",")[0])
     assert accuracy >= 0.75
     assert "skipped" in err and ":13:" in err
+    assert "scored 12/12 pairs" in err  # progress while it scores
     with Store(db_path) as store:
         assert len(store.pairs()) == pairs_before  # evaluated, not imported
+
+
+def test_length_grouped_evaluation_keeps_each_pair_its_own_margin(tiny_stack):
+    from rlhf.exchange_import import PreferencePair
+    from rlhf.reward_eval import evaluate_texts
+
+    rng = random.Random(3)
+    def words() -> str:
+        return " ".join(rng.choices(WORDS, k=rng.randrange(1, 40)))   # lengths vary: batches are length-grouped
+
+    pairs = [PreferencePair(f"Q{i}" + " more" * rng.randrange(30), words(), words()) for i in range(10)]
+    tiny_stack.ensure_adapter("reward")
+    scorer = RewardScorer(tiny_stack, batch_size=4)
+    seen: list[tuple[int, int]] = []
+    result = evaluate_texts(scorer, pairs, progress=lambda done, total: seen.append((done, total)))
+    one_by_one = [scorer.score_texts(p.prompt, [p.chosen, p.rejected]) for p in pairs]
+    margins = torch.tensor([a - b for a, b in one_by_one])
+    assert result.n_pairs == 10 and result.margin == pytest.approx(margins.mean().item(), abs=1e-4)
+    assert result.accuracy == pytest.approx((margins > 0).float().mean().item())
+    assert seen[-1] == (10, 10) and [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
 # --- a few dozen labels --------------------------------------------------------------------
