@@ -39,7 +39,7 @@ def test_a_shared_top_gives_each_winner_over_each_of_the_rest(store):
     prompt_id, ids = shown(store, "Name two colours.", 4)
     record_label(store, prompt_id, ids, "best", [2, 0])
 
-    assert pair_ids(store) == {(ids[w], ids[l]) for w in (2, 0) for l in (1, 3)}
+    assert pair_ids(store) == {(ids[w], ids[r]) for w in (2, 0) for r in (1, 3)}
     assert store.comparisons()[0].choice == [2, 0]
     for bad in ([0, 1, 2, 3], [1, 1]):  # every one (that is a tie) or one twice
         with pytest.raises(UserError, match="share the top"):
