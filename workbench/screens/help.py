@@ -18,14 +18,16 @@ The columns are shuffled for every prompt, so that position tells you nothing.
 |-----|--------------|
 | `1`..`{k}` | pick the best completion: records it over each of the other {k_1} ({k_1} pairs) |
 | click | the same as its number |
+| `=` | several share the top: `=`, their numbers, `=` again; each over each of the rest |
 | `m` | ranking mode on/off: press numbers best to worst; after {k_1} the last is implied, {pairs} pairs |
 | `escape` | clear a half-entered ranking |
-| `t` | tie: kept in the store, no pairs |
+| `t` | tie (all equal): kept in the store, no pairs |
 | `b` | all bad: kept, no pairs |
 | `s` | skip: kept, no pairs; the prompt counts as done |
 | `u` | undo the last label (it and its pairs, nothing else) and go back to it |
 | `r` | resample this prompt (new completions; the old ones stay in the store) |
 | `n` / `p` | next / previous prompt |
+| `o` | what comes next: as added, uncertain first (where the reward model is least sure), random |
 | `a` / `e` | add a prompt / edit this one (an edited prompt is resampled) |
 | `v` | choose the policy version completions are sampled from |
 | `x` | export the recorded pairs (TRL JSONL, Parquet, or a datasets folder) |
@@ -41,7 +43,9 @@ Each label records the completions in the order shown, the answer, the labeler
 and the seconds from when the completions appeared to the key press.
 A completion marked **CUT** stopped at the length limit without an end-of-turn token.
 
-The next prompt's completions are sampled while you read this one.
+The next prompt's completions are sampled while you read this one. Now and then
+a comparison you labeled comes back, reshuffled: the header shows how often you
+agree with your earlier self, beside how often the reward model agrees with you.
 
 *Press escape or ? to close.*
 """
