@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     test_seqs, test_lengths = encode(test)
     x_pool = batched_features(stack, pool_seqs, pool_lengths, readout, 16)
     x_test = batched_features(stack, test_seqs, test_lengths, readout, 16)
+    # The rest is thousands of small tensor operations: one thread does them
+    # fastest, and does not fight a job running beside it for the cores.
+    torch.set_num_threads(1)
     print(f"features of {len(pool)} pool and {len(test)} test answer pairs (embedded model, layer "
           f"{readout.layer}, {readout.pool}): {time.monotonic() - started:.0f} s", flush=True)
 
