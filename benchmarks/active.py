@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf.chat import chat_prompt_ids
     from rlhf.exchange_import import read_preference_file
+    from rlhf.label_order import pick_uncertainty
     from rlhf.models import load_stack
     from rlhf.reward_config import RewardConfig
     from rlhf.reward_data import Element, completion_tokens, join_prompt
@@ -155,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
                 if model is None:  # nothing but ties so far: no opinion to be unsure of
                     chosen += rest[:args.batch]
                     continue
-                from rlhf.label_order import pick_uncertainty
-
                 rewards = x_pool @ model[0] + model[1]
                 unsure = {i: pick_uncertainty(rewards[2 * i:2 * i + 2]) for i in rest}
                 chosen += sorted(rest, key=lambda i: -unsure[i])[:args.batch]

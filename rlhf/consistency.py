@@ -49,8 +49,9 @@ def pick_repeat(store: Store, labeler: str, rng: random.Random) -> Comparison | 
     shown again least often, not one of their last ``NOT_THE_LAST`` labels (at
     least not the very last); None when there is none."""
     labels = [c for c in store.comparisons(purpose="preference") if c.labeler == labeler]
-    recent = {c.id for c in labels[-min(NOT_THE_LAST, len(labels) - 1):]} if len(labels) > 1 else {c.id for c in labels}
-    mine = [c for c in labels if c.kind in ("best", "ranking") and c.id not in recent]
+    # All but the last NOT_THE_LAST; with fewer labels than that, the first alone (never the very last).
+    older = labels[:len(labels) - NOT_THE_LAST] or labels[:1][:len(labels) - 1]
+    mine = [c for c in older if c.kind in ("best", "ranking")]
     if not mine:
         return None
     shown: dict[frozenset[int], int] = {}
