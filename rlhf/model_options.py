@@ -11,6 +11,8 @@ from typing import Any
 from rlhf.errors import UserError
 
 EMBEDDED = "embedded"
+# The compute precisions a base can be loaded in (ModelOptions.dtype).
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -38,14 +40,23 @@ class ModelOptions:
     # None: CUDA when available, else CPU.
     device: str | None = field(default=None, metadata={
         "help": "cpu, cuda, cuda:1 ... (default: CUDA when available)"})
+    # None: chosen per device (rlhf.model_stack.compute_dtype).
+    dtype: str | None = field(default=None, metadata={
+        "help": "compute precision: float32, bfloat16 or float16 (default: bfloat16 on a GPU or CPU that "
+                "computes it natively, else float16 on a GPU and float32 on a CPU)"})
     lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UserError(f"unknown precision {self.dtype!r}: use one of {', '.join(DTYPES)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelOptions:
         """Read back what ``dataclasses.asdict`` wrote into a job's config."""
         values = dict(values)
-        unknown = sorted(set(values) - {"source", "quantize", "device", "lora"})
+        unknown = sorted(set(values) - {"source", "quantize", "device", "dtype", "lora"})
         if unknown:
-            raise UserError(f"unknown model option(s) {', '.join(unknown)}: known are source, quantize, device, lora")
+            raise UserError(f"unknown model option(s) {', '.join(unknown)}: known are source, quantize, device, "
+                            "dtype, lora")
         lora = LoraSettings(**values.pop("lora", {}))
         return cls(**values, lora=lora)

@@ -156,12 +156,13 @@ def load_tokenizer(model_dir: str) -> Any:
     return tok
 
 
-def load_base(model_dir: str, *, quantize: bool | None, device: torch.device) -> tuple[nn.Module, bool]:
-    """The base causal LM, 4-bit NF4 when asked (or by default where it works).
-    Returns (model, quantized)."""
+def load_base(model_dir: str, *, quantize: bool | None, device: torch.device,
+              dtype: torch.dtype | None = None) -> tuple[nn.Module, bool]:
+    """The base causal LM computing in ``dtype`` (``compute_dtype`` when None),
+    4-bit NF4 when asked (or by default where it works). Returns (model, quantized)."""
     from transformers import BitsAndBytesConfig
 
-    dtype = compute_dtype(device)
+    dtype = dtype or compute_dtype(device)
     want_4bit = bitsandbytes_works(device) if quantize is None else quantize
     if want_4bit and not bitsandbytes_works(device):
         raise UserError(f"4-bit quantization needs bitsandbytes on {device.type}: install it or pass --no-4bit")
@@ -217,13 +218,15 @@ def load_stack(options: ModelOptions | None = None, progress: Callable[[str], No
     say(f"loading {Path(model_dir).name} on {device.type}")
     tokenizer = load_tokenizer(model_dir)
     quiet_bitsandbytes()
-    model, quantized = load_base(model_dir, quantize=options.quantize, device=device)
+    dtype = compute_dtype(device, options.dtype)
+    model, quantized = load_base(model_dir, quantize=options.quantize, device=device, dtype=dtype)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     stack = ModelStack(model, tokenizer, device=device, quantized=quantized, lora=options.lora,
-                       model_dir=model_dir, base_name=EMBEDDED_HUB_ID if options.source == EMBEDDED else None)
-    say(f"ready ({'4-bit NF4' if quantized else str(compute_dtype(device)).replace('torch.', '')}, {device.type})")
+                       model_dir=model_dir, base_name=EMBEDDED_HUB_ID if options.source == EMBEDDED else None,
+                       dtype=dtype)
+    say(f"ready ({stack.precision}, {device.type})")
     return stack
 
 

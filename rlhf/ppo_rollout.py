@@ -10,6 +10,7 @@ sampling temperature, so the ratio and the KL are measured where sampling happen
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,7 @@ class Rollout:
     kl: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     advantages: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     returns: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    seconds: dict[str, float] = field(default_factory=dict)  # where the rollout's time went, by stage
 
     def rows(self) -> list[dict[str, Any]]:
         """The batch for the live table: prompt, completion, score, sequence KL."""
@@ -103,8 +105,11 @@ def collect_rollout(stack: ModelStack, prompts: Sequence[str], config: PPOConfig
     log-probs, the reference's and the value head's values; ``score`` gives each
     sample its reward and the reward's spread."""
     tok = stack.tokenizer
+    clock = time.monotonic()
     prompt_rows = [chat_prompt_ids(tok, p) for p in prompts]
     samples = generate(stack, prompt_rows, sampling, role="policy")
+    seconds = {"sample": time.monotonic() - clock}
+    clock = time.monotonic()
     layout = completion_batch(prompt_rows, [s.token_ids for s in samples], tok.pad_token_id)
     ids, attention = layout.ids.to(stack.device), layout.attention.to(stack.device)
     tokens, mask = layout.tokens.to(stack.device), layout.mask.float().to(stack.device)
@@ -120,9 +125,13 @@ def collect_rollout(stack: ModelStack, prompts: Sequence[str], config: PPOConfig
             reference = completion_forward(stack, ids[rows], attention[rows], tokens[rows], context,
                                            config.temperature)
         ref_logprobs.append(reference.logprobs)
+    seconds["forward"] = time.monotonic() - clock
+    clock = time.monotonic()
     scores, spread = score(prompt_rows, samples)
+    seconds["score"] = time.monotonic() - clock
     return Rollout(list(prompts), samples, ids, attention, context, tokens, mask, scores.to(stack.device), spread,
-                   torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask, torch.cat(values) * mask)
+                   torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask, torch.cat(values) * mask,
+                   seconds=seconds)
 
 
 def _chunks(n: int, size: int) -> Iterator[list[int]]:

@@ -290,6 +290,7 @@ class PPOSession:
         beta = self.beta
         self.advantages(batch)
         before = self._snapshot()
+        clock = time.monotonic()
         try:
             update = self.update(batch, iteration)
         except BaseException:  # diverged, or anything else mid-update: never leave half a step behind
@@ -301,6 +302,10 @@ class PPOSession:
             self._restore(before)
             raise PPODiverged(self._diverged(iteration, f"{bad[0]} is not finite"))
         self.kl_ctl.update(metrics["objective/kl"], len(batch.samples))
+        # Where the time goes (issue: speed): sampling, the teacher-forced passes
+        # (policy, reference, values), the reward, the update.
+        metrics.update({f"time/{stage}_s": s for stage, s in batch.seconds.items()})
+        metrics["time/update_s"] = time.monotonic() - clock
         metrics["time/iteration_s"] = time.monotonic() - started
         return metrics, batch
 

@@ -42,14 +42,16 @@ def tiny_dir() -> str:
 
 @pytest.fixture
 def tiny_stack(tiny_dir):
-    """A fresh ModelStack on the tiny model (full precision: fast and deterministic)."""
+    """A fresh ModelStack on the tiny model in float32, whatever the CPU: tests
+    compare it with models loaded in float32 (tests/engine/test_precision.py
+    checks what must hold in bfloat16)."""
     import torch
 
     from rlhf.model_options import ModelOptions
     from rlhf.models import load_stack
 
     torch.manual_seed(0)
-    return load_stack(ModelOptions(source=tiny_dir, quantize=False, device="cpu"))
+    return load_stack(ModelOptions(source=tiny_dir, quantize=False, device="cpu", dtype="float32"))
 
 
 @pytest.fixture

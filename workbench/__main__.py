@@ -1,6 +1,7 @@
 """``workbench``: open the labeling workbench on a database.
 
     workbench [--db PATH] [--model embedded|DIR|FILE.gguf|HUB_ID] [--no-4bit] [--device D]
+              [--dtype float32|bfloat16|float16]
               [--k 4] [--labeler NAME]
 
 Problems the user can fix (a missing model path, a database that is not ours or

@@ -142,8 +142,7 @@ class WorkbenchApp(App[None]):
         self.model_state = "ready"
         if message.warning:
             self.notify(message.warning, severity="warning")
-        self.notify(f"{self.model_status} ({'4-bit NF4' if message.stack.quantized else 'full precision'}, "
-                    f"{message.stack.device.type})", timeout=3)
+        self.notify(f"{self.model_status} ({message.stack.precision}, {message.stack.device.type})", timeout=3)
 
     def on_model_failed(self, message: ModelFailed) -> None:
         self.model_status = message.text

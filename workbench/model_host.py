@@ -133,7 +133,7 @@ class ModelHost:
             return self.options
         if self.stack is not None:
             return ModelOptions(source=self.stack.model_dir, quantize=self.stack.quantized,
-                                device=self.stack.device.type)
+                                device=self.stack.device.type, dtype=str(self.stack.dtype).replace("torch.", ""))
         return ModelOptions()
 
     # -- loading and the policy version

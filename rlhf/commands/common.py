@@ -137,13 +137,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     model; the help is ModelOptions' own. Spelt by hand rather than through
     ``config_options``: `--model` and `--no-4bit` read better than the field
     names (source, quantize) and every command has always taken them."""
-    from rlhf.model_options import ModelOptions
+    from rlhf.model_options import DTYPES, ModelOptions
 
     about = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(ModelOptions)}
     parser.add_argument("--model", dest="source", default=None, help=about["source"])
     parser.add_argument("--no-4bit", dest="quantize", action="store_false", default=None,
                         help="load the base in full precision instead of 4-bit NF4")
     parser.add_argument("--device", default=None, help=about["device"])
+    parser.add_argument("--dtype", default=None, choices=DTYPES, help=about["dtype"])
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -162,7 +163,8 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 def model_options(args: argparse.Namespace) -> ModelOptions:
     from rlhf.model_options import ModelOptions
 
-    return from_dict(ModelOptions, {"source": args.source, "quantize": args.quantize, "device": args.device}, "model")
+    return from_dict(ModelOptions, {"source": args.source, "quantize": args.quantize, "device": args.device,
+                                    "dtype": getattr(args, "dtype", None)}, "model")
 
 
 # --- running a command ------------------------------------------------------------------

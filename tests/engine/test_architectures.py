@@ -25,7 +25,8 @@ OTHERS = [a for a in TINY_ARCHITECTURES if a != "llama"]  # llama: every other t
 @pytest.fixture(params=OTHERS)
 def other_stack(request):
     torch.manual_seed(0)
-    stack = load_stack(ModelOptions(source=tiny_model_dir(arch=request.param), quantize=False, device="cpu"))
+    stack = load_stack(ModelOptions(source=tiny_model_dir(arch=request.param), quantize=False, device="cpu",
+                                    dtype="float32"))
     assert stack.peft.get_base_model().config.model_type == request.param
     return stack
 
