@@ -1,10 +1,18 @@
-"""Sampling speed and memory on the embedded model: full precision against 4-bit.
+"""Sampling speed and memory on the embedded model: ours against plain `generate`.
 
     python benchmarks/sampling.py [--k 4] [--new-tokens 64] [--repeats 3]
 
 Prints tokens per second (completion tokens generated, EOS included) and peak
-memory for K completions of one prompt, on the CPU and on CUDA when present.
-Each configuration runs in its own process so peak memory is its own.
+memory for K completions of one prompt, on the CPU and on CUDA when present:
+
+- plain generate: what a user would write, ``transformers``' ``generate`` on the
+  same model in full precision (float32 on a CPU), same K, length and sampling;
+- ours as the workbench samples (``rlhf.sampling.sample_k`` on a ModelStack:
+  LoRA policy adapter, log-probs kept): 4-bit NF4 and full weights, each in the
+  precision chosen for the device (bf16 on a CPU with native bf16) and in float32.
+
+Each configuration runs in its own process so peak memory is its own. The last
+line is ``ratio tokens_per_s=<ours, default settings / plain generate>`` on the CPU.
 """
 
 from __future__ import annotations
@@ -20,40 +28,84 @@ import time
 PROMPT = "Write a short paragraph about why the sea is salty."
 
 
-def measure(quantize: bool, device: str, k: int, new_tokens: int, repeats: int) -> dict:
+# name -> (4-bit, precision): None is the device's choice (rlhf.model_stack.compute_dtype)
+OURS = {"ours 4-bit (default)": (None, None), "ours full": (False, None),
+        "ours 4-bit float32": (True, "float32"), "ours full float32": (False, "float32")}
+PLAIN = "plain generate float32"
+
+
+def measure(config: str, device: str, k: int, new_tokens: int, repeats: int) -> dict:
     import torch
 
-    from rlhf.model_options import ModelOptions
-    from rlhf.models import load_stack, resolve_model_dir
-    from rlhf.sampling import SamplingParams, sample_k
+    from rlhf.models import resolve_model_dir
 
     resolve_model_dir("embedded")  # one-time conversion, not timed
-    options = ModelOptions(quantize=quantize, device=device)
-    load_stack(options)  # warms the 4-bit cache
-    start = time.perf_counter()
-    stack = load_stack(options)
-    load_s = time.perf_counter() - start
-    # Force full-length completions so every configuration generates the same work.
-    params = SamplingParams(max_new_tokens=new_tokens, seed=0)
-    stack.peft.generation_config.min_new_tokens = new_tokens
-    sample_k(stack, [PROMPT], k, SamplingParams(max_new_tokens=4, seed=0))  # warm-up
+    generate, load_s, precision = (_plain if config == PLAIN else _ours)(config, device, k, new_tokens)
+    generate(4)  # warm-up
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     tokens, seconds = 0, 0.0
     for _ in range(repeats):
         start = time.perf_counter()
-        [row] = sample_k(stack, [PROMPT], k, params)
+        n = generate(new_tokens)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
-        tokens += sum(s.n_tokens for s in row)
+        tokens += n
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    precision = "4-bit NF4" if quantize else "full"
-    return {"precision": precision, "device": device, "load_s": load_s,
+    return {"config": config, "precision": precision, "device": device, "load_s": load_s,
             "tokens_per_s": tokens / seconds, "s_per_call": seconds / repeats,
             "peak_rss_mb": peak_rss_mb, "peak_gpu_mb": gpu_mb}
+
+
+def _ours(config: str, device: str, k: int, new_tokens: int):
+    from rlhf.model_options import ModelOptions
+    from rlhf.models import load_stack
+    from rlhf.sampling import SamplingParams, sample_k
+
+    quantize, dtype = OURS[config]
+    options = ModelOptions(quantize=quantize, device=device, dtype=dtype)
+    load_stack(options)  # warms the 4-bit cache
+    start = time.perf_counter()
+    stack = load_stack(options)
+    load_s = time.perf_counter() - start
+    # Force full-length completions so every configuration generates the same work.
+    stack.peft.generation_config.min_new_tokens = new_tokens
+
+    def generate(length: int) -> int:
+        [row] = sample_k(stack, [PROMPT], k, SamplingParams(max_new_tokens=length, seed=0))
+        return sum(s.n_tokens for s in row)
+
+    return generate, load_s, stack.precision
+
+
+def _plain(config: str, device: str, k: int, new_tokens: int):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.models import resolve_model_dir
+    from rlhf.sampling_params import SamplingParams
+
+    start = time.perf_counter()
+    model_dir = resolve_model_dir("embedded")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    load_s = time.perf_counter() - start
+    params = SamplingParams()
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids.to(device).repeat(k, 1)
+
+    def generate(length: int) -> int:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=params.temperature, top_p=params.top_p, top_k=0,
+                                 max_new_tokens=length, min_new_tokens=length, pad_token_id=tok.eos_token_id)
+        return (out.shape[1] - ids.shape[1]) * k
+
+    return generate, load_s, "float32"
 
 
 def main() -> None:
@@ -61,10 +113,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--one", nargs=2, metavar=("QUANTIZE", "DEVICE"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=2, metavar=("CONFIG", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        result = measure(args.one[0] == "1", args.one[1], args.k, args.new_tokens, args.repeats)
+        result = measure(args.one[0], args.one[1], args.k, args.new_tokens, args.repeats)
         print(json.dumps(result))
         return
 
@@ -73,21 +125,25 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for device in devices:
-        for quantize in (False, True):
+        for config in (PLAIN, *OURS):
             cmd = [sys.executable, __file__, "--k", str(args.k), "--new-tokens", str(args.new_tokens),
-                   "--repeats", str(args.repeats), "--one", str(int(quantize)), device]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                   "--repeats", str(args.repeats), "--one", config, device]
+            out = subprocess.run(cmd, capture_output=True, text=True,
+                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             if out.returncode != 0:
                 print(out.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"benchmark run failed: {' '.join(cmd)}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"K={args.k} completions x {args.new_tokens} new tokens, SmolLM2-135M-Instruct, {args.repeats} repeats, "
           f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
-    print(f"{'device':<6} {'precision':<10} {'load s':>7} {'tok/s':>8} {'s/call':>7} {'peak RSS MB':>12} {'peak GPU MB':>12}")
+    print(f"{'device':<6} {'configuration':<24} {'precision':<26} {'load s':>7} {'tok/s':>8} {'s/call':>7} "
+          f"{'peak RSS MB':>12} {'peak GPU MB':>12}")
     for r in rows:
         gpu = f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] is not None else "-"
-        print(f"{r['device']:<6} {r['precision']:<10} {r['load_s']:>7.2f} {r['tokens_per_s']:>8.1f} "
-              f"{r['s_per_call']:>7.2f} {r['peak_rss_mb']:>12.0f} {gpu:>12}")
+        print(f"{r['device']:<6} {r['config']:<24} {r['precision']:<26} {r['load_s']:>7.2f} "
+              f"{r['tokens_per_s']:>8.1f} {r['s_per_call']:>7.2f} {r['peak_rss_mb']:>12.0f} {gpu:>12}")
+    cpu = {r["config"]: r["tokens_per_s"] for r in rows if r["device"] == "cpu"}
+    print(f"ratio tokens_per_s={cpu[next(iter(OURS))] / cpu[PLAIN]:.2f}")
 
 
 if __name__ == "__main__":

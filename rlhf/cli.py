@@ -16,13 +16,14 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 
-from rlhf.commands import dpo, drift, evaluation, exchange, handover, ppo, prompts, reward, sampling, status
+from rlhf.commands import (dpo, drift, evaluation, exchange, handover, ppo, prompts, reward, rollouts, sampling,
+                           status)
 from rlhf.commands.common import Parser, add_db_option
 from rlhf.errors import UserError
 from rlhf.locations import default_db_path
 
 # In the order `rlhf --help` lists them.
-COMMAND_GROUPS = (prompts, sampling, status, exchange, reward, ppo, dpo, drift, evaluation, handover)
+COMMAND_GROUPS = (prompts, sampling, status, exchange, reward, ppo, rollouts, dpo, drift, evaluation, handover)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -116,5 +116,27 @@ def _v1_to_v2(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v0_to_v1, _v1_to_v2]
+def _v2_to_v3(db: sqlite_utils.Database) -> None:
+    """Every PPO rollout, kept: what the policy produced at each iteration."""
+    db.execute(
+        """CREATE TABLE rollouts (
+            id INTEGER PRIMARY KEY,
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            iteration INTEGER NOT NULL,   -- the PPO iteration whose batch it was
+            policy_version INTEGER,       -- the saved version that sampled it; NULL if unsaved
+            prompt TEXT NOT NULL,
+            completion TEXT NOT NULL,
+            token_ids TEXT,               -- JSON list of sampled ids, EOS included
+            n_tokens INTEGER NOT NULL,
+            finish_reason TEXT NOT NULL,  -- 'eos' | 'length'
+            score REAL,                   -- what PPO maximized for it
+            spread REAL,                  -- the reward ensemble's disagreement
+            kl REAL,                      -- summed per-token KL to the reference, in nats
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX rollouts_job_iteration ON rollouts(job_id, iteration)")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v0_to_v1, _v1_to_v2, _v2_to_v3]
 SCHEMA_VERSION = len(MIGRATIONS)

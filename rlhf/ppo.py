@@ -25,7 +25,7 @@ import torch
 from rlhf.errors import UserError
 from rlhf.model_stack import ModelStack
 from rlhf.ppo_config import PPOConfig, PPOJob
-from rlhf.ppo_rollout import Rollout, RuleScorer, Scorer, rollouts_path, rule_scorer, write_rollouts
+from rlhf.ppo_rollout import Rollout, RuleScorer, Scorer, rule_scorer
 from rlhf.ppo_session import NORMALIZATION_KEYS, PPOSession
 from rlhf.rows import Checkpoint
 from rlhf.sampling_params import DEFINITION_KEYS
@@ -221,6 +221,7 @@ def run_job(ctx: Any) -> None:
         try:
             ctx.checkpoint()  # pause / stop between iterations
             iteration = start.iteration + done + 1
+            sampled_by = None if pending else version  # the policy as saved, or ahead of every saved version
             metrics, batch = session.iteration(iteration)
         except BaseException:
             # A stop, or an update that diverged (and was undone), keeps the
@@ -232,7 +233,7 @@ def run_job(ctx: Any) -> None:
         last_metrics = metrics
         done += 1
         ctx.log(iteration, metrics)
-        write_rollouts(rollouts_path(ctx.checkpoint_root, ctx.job_id), batch.rows())
+        ctx.store.add_rollouts(ctx.job_id, iteration, sampled_by, batch.rows())
         pending = True
         finished = (iterations and done >= int(iterations)) or (minutes and time.monotonic() - began >= 60 * minutes)
         if done % save_every == 0 or finished:

@@ -1,5 +1,5 @@
 """A batch of PPO experience: what a rollout samples, scores and freezes, the
-rewards PPO can maximize, and the latest batch on disk for the live table.
+rewards PPO can maximize, and a batch on disk beside the version it trained.
 
 A reward is anything with ``score_ids`` (``Scorer``): a trained reward model
 (``rlhf.reward_scoring.RewardScorer``) or a rule (``RuleScorer``). The log-probs
@@ -89,11 +89,13 @@ class Rollout:
     seconds: dict[str, float] = field(default_factory=dict)  # where the rollout's time went, by stage
 
     def rows(self) -> list[dict[str, Any]]:
-        """The batch for the live table: prompt, completion, score, sequence KL."""
+        """The batch as the store keeps it and the live table shows it: prompt,
+        completion, score and the ensemble's spread, sequence KL, how it ended."""
         kl = self.kl.sum(1).tolist() if self.kl.numel() else [0.0] * len(self.samples)
-        return [{"prompt": p, "completion": s.text, "score": float(sc), "kl": float(k),
-                 "finish_reason": s.finish_reason, "n_tokens": s.n_tokens}
-                for p, s, sc, k in zip(self.prompts, self.samples, self.scores.tolist(), kl)]
+        return [{"prompt": p, "completion": s.text, "score": float(sc), "spread": float(sp), "kl": float(k),
+                 "finish_reason": s.finish_reason, "n_tokens": s.n_tokens, "token_ids": s.token_ids}
+                for p, s, sc, sp, k in zip(self.prompts, self.samples, self.scores.tolist(), self.spread.tolist(),
+                                           kl)]
 
 
 @torch.no_grad()
@@ -139,24 +141,10 @@ def _chunks(n: int, size: int) -> Iterator[list[int]]:
         yield list(range(start, min(n, start + size)))
 
 
-# --- rollouts on disk, for the live table ------------------------------------------
+# --- a batch on disk, beside the policy version it trained ----------------------------
 
 
 def write_rollouts(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(rows, indent=1))
     tmp.replace(path)  # atomic: the app never reads half a file
-
-
-def rollouts_path(checkpoint_root: Path, job_id: int) -> Path:
-    """Where a PPO job keeps its latest batch (beside the database's checkpoints)."""
-    return Path(checkpoint_root) / f"ppo-job-{job_id}-{ROLLOUTS_FILE}"
-
-
-def read_rollouts(checkpoint_root: Path, job_id: int) -> list[dict[str, Any]]:
-    """The latest batch of a PPO job; [] before the first one is written."""
-    path = rollouts_path(checkpoint_root, job_id)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return []

@@ -115,3 +115,27 @@ class Checkpoint:
         return cls(kind=row["kind"], version=row["version"], path=path, job_id=row["job_id"],
                    parent_version=row["parent_version"], meta=_json(row["meta"], {}),
                    created_at=row["created_at"], id=row["id"])
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    """One completion of a PPO batch as it was scored and measured."""
+
+    id: int
+    job_id: int
+    iteration: int
+    policy_version: int | None  # the saved version that sampled it; None when it was never saved
+    prompt: str
+    completion: str
+    n_tokens: int
+    finish_reason: str
+    score: float | None
+    spread: float | None
+    kl: float | None
+    token_ids: list[int] | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RolloutRow:
+        fields = {k: row[k] for k in ("id", "job_id", "iteration", "policy_version", "prompt", "completion",
+                                       "n_tokens", "finish_reason", "score", "spread", "kl")}
+        return cls(**fields, token_ids=_json(row["token_ids"]))

@@ -16,7 +16,8 @@ from typing import Any
 
 from rlhf.database import Database, now
 from rlhf.errors import UserError
-from rlhf.rows import ACTIVE_JOB_STATUSES, JOB_STATUSES, LABEL_KINDS, Checkpoint, Comparison, Completion, Job, Prompt
+from rlhf.rows import (ACTIVE_JOB_STATUSES, JOB_STATUSES, LABEL_KINDS, Checkpoint, Comparison, Completion, Job, Prompt,
+                       RolloutRow)
 
 # Source of pairs (and of prompts first seen in them) that `rlhf import` added:
 # 'import:<file name>'. A prompt the researcher added keeps its own source.
@@ -25,6 +26,8 @@ _NOT_IMPORTED = f"(source IS NULL OR source NOT LIKE '{IMPORT_SOURCE_PREFIX}%')"
 # Source of the drift view's probe prompts: their answers are blind pairs of two
 # policy versions, never a set of one policy's samples to label.
 PROBE_SOURCE = "probes"
+# How kept rollouts can be ordered: name -> column.
+ROLLOUT_SORTS = {"score": "score", "kl": "kl", "length": "n_tokens"}
 
 
 class Store(Database):
@@ -342,6 +345,41 @@ class Store(Database):
                             [job_id, after_step]):
             series.setdefault(r["name"], []).append((r["step"], r["value"]))
         return series
+
+    # -- PPO rollouts
+
+    def add_rollouts(self, job_id: int, iteration: int, policy_version: int | None,
+                     rows: Iterable[dict[str, Any]]) -> int:
+        """Keep one iteration's batch: rows as ``Rollout.rows`` gives them."""
+        stamp = now()
+        values = [(job_id, iteration, policy_version, r["prompt"], r["completion"], json.dumps(r.get("token_ids")),
+                   r["n_tokens"], r["finish_reason"], r["score"], r.get("spread"), r["kl"], stamp) for r in rows]
+        with self._write() as db:
+            db.conn.executemany(
+                "INSERT INTO rollouts (job_id, iteration, policy_version, prompt, completion, token_ids, n_tokens, "
+                "finish_reason, score, spread, kl, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+        return len(values)
+
+    def rollouts(self, job_id: int, iteration: int | None = None, *, sort: str | None = None,
+                 limit: int | None = None) -> list[RolloutRow]:
+        """A PPO job's kept rollouts, of one iteration or all; in batch order, or
+        highest first by ``sort`` (one of ROLLOUT_SORTS)."""
+        if sort is not None and sort not in ROLLOUT_SORTS:
+            raise UserError(f"cannot sort rollouts by {sort!r}: use one of {', '.join(ROLLOUT_SORTS)}")
+        sql, params = "SELECT * FROM rollouts WHERE job_id = ?", [job_id]
+        if iteration is not None:
+            sql += " AND iteration = ?"
+            params.append(iteration)
+        sql += f" ORDER BY {ROLLOUT_SORTS[sort]} DESC, id" if sort else " ORDER BY iteration, id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [RolloutRow.from_row(r) for r in self._rows(sql, params)]
+
+    def rollout_iterations(self, job_id: int) -> list[int]:
+        """The iterations of a PPO job whose rollouts are kept, in order."""
+        return [r["iteration"] for r in self._rows(
+            "SELECT DISTINCT iteration FROM rollouts WHERE job_id = ? ORDER BY iteration", [job_id])]
 
     # -- checkpoints (policy and reward versions)
 

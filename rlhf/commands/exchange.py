@@ -14,7 +14,8 @@ from rlhf.text_input import MAX_TEXT_CHARS, error_summary
 
 def register(sub: argparse._SubParsersAction) -> None:
 
-    p = sub.add_parser("export", help="write preference pairs as TRL JSONL, Parquet or a datasets folder")
+    p = sub.add_parser("export", help="write preference pairs as TRL JSONL, Parquet or a datasets folder "
+                                      "(or with --rollouts, PPO's kept rollouts as JSONL)")
     p.add_argument("out", type=Path, help="output file (.jsonl, .parquet) or folder (--format hf)")
     p.add_argument("--format", dest="fmt", choices=("trl", "parquet", "hf"), default=None,
                    help="trl = TRL preference JSONL, parquet, hf = datasets save_to_disk folder "
@@ -31,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-metadata", dest="metadata", action="store_false",
                    help="only prompt/chosen/rejected, without comparison_id, policy_version, labeler, "
                         "created_at and source columns")
+    p.add_argument("--rollouts", action="store_true",
+                   help="write every kept PPO rollout instead (JSONL: job, iteration, policy version, prompt, "
+                        "completion, score, spread, KL, length, how it ended)")
+    p.add_argument("--job", type=at_least(1), default=None, help="with --rollouts: only this PPO job's")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="add preference pairs from a TRL / HH-RLHF JSONL, Parquet or datasets folder",
@@ -48,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from rlhf.exchange_export import export_pairs, format_for, reimport_warning
 
+    if args.rollouts:
+        return export_rollouts(args)
+
     fmt = args.fmt or format_for(args.out)
     if fmt is None:
         raise UserError(f"cannot tell the format from {args.out.name}: pass --format trl, parquet or hf")
@@ -60,6 +68,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     warning = reimport_warning(args.out)
     if warning:
         say(f"warning: {warning}")
+    return 0
+
+
+def export_rollouts(args: argparse.Namespace) -> int:
+    from rlhf.rollout_archive import export_rollouts
+
+    if args.fmt not in (None, "trl") or args.out.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
+        raise UserError(f"rollouts are written as JSONL: name the output like {args.out.stem}.jsonl")
+    with open_db(args) as store:
+        n = export_rollouts(store, args.out, args.job)
+    print(f"wrote {n} rollouts to {args.out} (JSONL)")
     return 0
 
 

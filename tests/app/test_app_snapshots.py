@@ -29,8 +29,6 @@ from textual.pilot import Pilot
 from textual.widgets import Input, Static, TextArea
 
 from rlhf.jobs import died_message
-from rlhf.locations import checkpoints_dir
-from rlhf.ppo_rollout import rollouts_path, write_rollouts
 from rlhf.preferences import record_label
 from rlhf.reward_eval import LabeledPairScore
 from rlhf.store import PROBE_SOURCE
@@ -337,7 +335,8 @@ def _finished_ppo_session(store, tmp_path: Path) -> None:
     store.add_checkpoint("policy", tmp_path / "policy-v2", job_id=job_id, parent_version=1,
                          meta={"rollout_score": 0.6, "kl": 1.8})
     store.update_job(job_id, status="done", finished_at=FIXED_TIME)
-    rows = [{"prompt": p, "completion": c, "score": s, "kl": k} for p, c, s, k in (
+    rows = [{"prompt": p, "completion": c, "score": s, "kl": k, "n_tokens": len(c.split()) + 2,
+             "finish_reason": "eos"} for p, c, s, k in (
         ("Explain photosynthesis to a child.", "Plants use sunlight, water and air to make their own food.",
          1.42, 0.81),
         ("Write a haiku about rain.", "Soft rain on the roof\nthe gutters hum their one song\ntea cools by the door",
@@ -346,7 +345,8 @@ def _finished_ppo_session(store, tmp_path: Path) -> None:
         ("Name a prime number above 100.", "101 is the first prime above 100.", 0.31, 0.40),
         ("Translate 'thank you' into French.", "Merci.", -0.20, 0.05),
     )]
-    write_rollouts(rollouts_path(checkpoints_dir(store.path), job_id), rows)
+    store.add_rollouts(job_id, 9, 1, [dict(r, score=r["score"] - 0.3) for r in rows[1:]])
+    store.add_rollouts(job_id, 10, 2, rows)
 
 
 class TestPPOScreen:

@@ -4,6 +4,7 @@ resume, stop and continue reach the job, and its plots and rollouts fill."""
 from __future__ import annotations
 
 from conftest import FakeSampler, make_app, wait_for
+from test_app_snapshots import _finished_ppo_session
 
 from workbench.screens.ppo import PPOScreen
 
@@ -48,3 +49,34 @@ async def test_ppo_screen_starts_pauses_stops_and_continues_a_session(store, tin
         assert "EOS 0%" in screen.status_text() and "length 4" in screen.status_text()
         await pilot.press("f1")
         await wait_for(pilot, lambda: not isinstance(app.screen, PPOScreen))
+
+
+async def test_the_rollouts_of_every_iteration_are_browsed_and_sorted(store, tmp_path):
+    """A finished session kept iterations 9 and 10: [ shows 9's, o sorts by KL, ]
+    goes back to following the latest."""
+    _finished_ppo_session(store, tmp_path)
+    app = make_app(store, sampler=FakeSampler())
+    async with app.run_test(size=(150, 50)) as pilot:
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: isinstance(app.screen, PPOScreen))
+        screen: PPOScreen = app.screen
+        table = screen.query_one("#ppo-rollouts")
+
+        def title() -> str:
+            return str(screen.query_one("#ppo-rollouts-title").render())
+
+        await wait_for(pilot, lambda: "iteration 10 (the latest)" in title())
+        assert table.row_count == 5 and "kept: iterations 9-10" in title()
+        scores = [r.score for r in screen.rollouts]
+        assert scores == sorted(scores, reverse=True)
+        await pilot.press("left_square_bracket")
+        await wait_for(pilot, lambda: "iteration 9 ·" in title())
+        assert table.row_count == 4 and {r.iteration for r in screen.rollouts} == {9}
+        await pilot.press("o")
+        await wait_for(pilot, lambda: "highest kl first" in title())
+        kls = [r.kl for r in screen.rollouts]
+        assert kls == sorted(kls, reverse=True) and {r.iteration for r in screen.rollouts} == {9}
+        await pilot.press("left_square_bracket")  # nothing before the first kept
+        await pilot.press("right_square_bracket")
+        await wait_for(pilot, lambda: "iteration 10 (the latest)" in title())
+        assert table.row_count == 5

@@ -1,10 +1,11 @@
 """The PPO screen: start, pause, resume and stop a PPO session; watch score, KL,
-beta, entropy and clip fraction live, reward against KL, and the latest rollouts.
+beta, entropy and clip fraction live, reward against KL, and the rollouts of
+every iteration, browsed with [ and ] and sorted by score, KL or length (o).
 
 The session runs in its own process (rlhf.jobs, runner rlhf.ppo:run_job);
 following it is the JobScreen's (workbench/screens/job_screen.py). This screen
-adds the session's settings, its plots, and the rollouts file the job rewrites
-after each iteration.
+adds the session's settings, its plots, and the rollouts the job keeps in the
+store after each iteration (rlhf.rollout_archive).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from textual.widgets import Button, Checkbox, DataTable, Label, ProgressBar, Sel
 from textual_plotext import PlotextPlot
 
 from rlhf.ppo_config import DEFAULT_ITERATIONS, PPOConfig
-from rlhf.rows import Job
-from rlhf.store import Store
+from rlhf.rows import Job, RolloutRow
+from rlhf.store import ROLLOUT_SORTS, Store
 from workbench.job_follow import Series
 from workbench.screens.job_screen import JobScreen, JobSnapshot
 from workbench.widgets.text import one_line
@@ -43,7 +44,9 @@ PLOTS = (("plot-score", "score", "objective/scores"), ("plot-kl", "KL (nats/seq)
 OVERLAYS = (("plot-score", "reward/spread", "RM spread"),)
 # The screen's settings start at the session defaults (rlhf.ppo_config).
 DEFAULT = PPOConfig()
-ROLLOUT_COLUMNS = ("prompt", "completion", "score", "KL")
+ROLLOUT_COLUMNS = ("prompt", "completion", "score", "KL", "length", "end")
+# The rollouts table's orders, cycled by o: highest first by each, then as sampled.
+SORTS: tuple[str | None, ...] = (*ROLLOUT_SORTS, None)
 REWARD_CHOICES = (("reward model (latest)", ""), ("rule: short, ends in EOS", "rule:short"),
                   ("rule: distinct tokens", "rule:distinct"))
 ALGORITHM_CHOICES = (("PPO", "ppo"), ("RLOO", "rloo"))
@@ -58,7 +61,9 @@ def choices(*values: float) -> list[tuple[str, float]]:
 class Snapshot(JobSnapshot):
     """What one poll read from the store."""
 
-    rollouts: list[dict[str, Any]] | None = None
+    rollouts: list[RolloutRow] | None = None   # of ``iteration``; None: not read this time
+    iteration: int | None = None               # the iteration shown
+    iterations: tuple[int, ...] = ()           # those kept
     last_version: int | None = None
 
 
@@ -69,6 +74,11 @@ class PPOScreen(JobScreen[Snapshot]):
         Binding("p", "control('pause')", "Pause", tooltip="Pause the session after the current iteration"),
         Binding("r", "control('resume')", "Resume", tooltip="Resume a paused session"),
         Binding("e", "control('cancel')", "Stop", tooltip="Stop the session after the current iteration"),
+        Binding("left_square_bracket", "browse(-1)", "Earlier", key_display="[",
+                tooltip="Rollouts of the iteration before"),
+        Binding("right_square_bracket", "browse(1)", "Later", key_display="]",
+                tooltip="Rollouts of the iteration after (the latest follows the session)"),
+        Binding("o", "cycle_sort", "Sort", tooltip="Sort the rollouts by score, KL, length, or as sampled"),
     ]
 
     KIND = "ppo"
@@ -79,8 +89,13 @@ class PPOScreen(JobScreen[Snapshot]):
 
     def __init__(self, job_defaults: Mapping[str, Any] | None = None) -> None:
         super().__init__(job_defaults)
-        self.rollouts: list[dict[str, Any]] = []
+        self.rollouts: list[RolloutRow] = []
         self.last_version: int | None = None
+        self.browsing: int | None = None   # the iteration asked for; None follows the latest
+        self.sort: str | None = SORTS[0]
+        self.iteration: int | None = None  # the iteration shown
+        self.iterations: tuple[int, ...] = ()
+        self._reread = False               # browsing or sorting asks the next poll for rollouts
 
     def compose_body(self) -> ComposeResult:
         yield Static("", id="ppo-status", markup=False)
@@ -105,6 +120,7 @@ class PPOScreen(JobScreen[Snapshot]):
             for plot_id, _, _ in PLOTS:
                 yield PlotextPlot(id=plot_id)
             yield PlotextPlot(id="plot-reward-kl")
+        yield Static("", id="ppo-rollouts-title", markup=False)
         yield DataTable(id="ppo-rollouts", zebra_stripes=True, cursor_type="row")
 
     def on_mount(self) -> None:  # before JobScreen.on_mount (Textual calls both, this first)
@@ -115,24 +131,32 @@ class PPOScreen(JobScreen[Snapshot]):
     # -- the session as this screen shows it
 
     def read(self, store: Store, job: Job | None, new_metrics: Series, first_read: bool) -> Snapshot:
-        from rlhf.locations import checkpoints_dir
-        from rlhf.ppo_rollout import read_rollouts
-
-        rollouts = None
-        if job is not None and (new_metrics or first_read):  # the job rewrites them after each iteration
-            rollouts = read_rollouts(checkpoints_dir(store.path), job.id)
         last = store.checkpoint("policy")
-        return Snapshot(job, new_metrics, rollouts=rollouts, last_version=last.version if last else None)
+        snap = Snapshot(job, new_metrics, last_version=last.version if last else None)
+        # The job keeps each iteration's batch as it ends; browsing asks for another.
+        if job is not None and (new_metrics or first_read or self._reread):
+            self._reread = False
+            snap.iterations = tuple(store.rollout_iterations(job.id))
+            if snap.iterations:
+                wanted = self.browsing
+                snap.iteration = wanted if wanted in snap.iterations else snap.iterations[-1]
+                snap.rollouts = store.rollouts(job.id, snap.iteration, sort=self.sort)
+            else:
+                snap.rollouts = []
+        return snap
 
     def new_job(self) -> None:
-        self.rollouts = []
+        self.rollouts, self.browsing, self.iteration, self.iterations = [], None, None, ()
 
     def show(self, snap: Snapshot) -> None:
         job = snap.job
         self.last_version = snap.last_version
-        if snap.rollouts is not None and snap.rollouts != self.rollouts:
-            self.rollouts = snap.rollouts
-            self._fill_rollouts()
+        if snap.rollouts is not None:
+            self.iteration, self.iterations = snap.iteration, snap.iterations
+            if snap.rollouts != self.rollouts:
+                self.rollouts = snap.rollouts
+                self._fill_rollouts()
+            self.query_one("#ppo-rollouts-title", Static).update(self.rollouts_title())
         self.query_one("#ppo-status", Static).update(self.status_text())
         active = job is not None and job.active
         self.query_one("#ppo-start", Button).disabled = active
@@ -216,9 +240,20 @@ class PPOScreen(JobScreen[Snapshot]):
     def _fill_rollouts(self) -> None:
         table = self.query_one("#ppo-rollouts", DataTable)
         table.clear()
-        for row in sorted(self.rollouts, key=lambda r: -r["score"]):
-            table.add_row(one_line(row["prompt"], 40), one_line(row["completion"], 80),
-                          f"{row['score']:.3f}", f"{row['kl']:.2f}")
+        for row in self.rollouts:
+            table.add_row(one_line(row.prompt, 40), one_line(row.completion, 80), f"{row.score:.3f}",
+                          f"{row.kl:.2f}", str(row.n_tokens), row.finish_reason)
+
+    def rollouts_title(self) -> str:
+        if self.iteration is None:
+            return "Rollouts: each iteration's batch is kept here as the session runs."
+        first, last = self.iterations[0], self.iterations[-1]
+        kept = f"iteration {first}" if first == last else f"iterations {first}-{last}"
+        order = f"highest {self.sort} first" if self.sort else "as sampled"
+        following = " (the latest)" if self.browsing is None else ""
+        return (f"Rollouts of iteration {self.iteration}{following} · {len(self.rollouts)} answers, {order} · "
+                f"kept: {kept} · [ ] browse · o sorts · to label them: "
+                f"rlhf rollouts --queue --iteration {self.iteration}")
 
     # -- actions
 
@@ -252,6 +287,25 @@ class PPOScreen(JobScreen[Snapshot]):
 
     def action_control(self, action: str) -> None:
         self.request(action)
+
+    def action_browse(self, step: int) -> None:
+        """Show the rollouts of an earlier or later iteration; past the latest,
+        follow the session again."""
+        if not self.iterations or self.iteration is None:
+            self.notify("no rollouts kept yet: they come with each iteration")
+            return
+        at = self.iterations.index(self.iteration) + step
+        if at < 0:
+            self.notify(f"iteration {self.iterations[0]} is the first kept")
+            return
+        self.browsing = self.iterations[at] if at < len(self.iterations) - 1 else None
+        self._reread = True
+        self.poll()
+
+    def action_cycle_sort(self) -> None:
+        self.sort = SORTS[(SORTS.index(self.sort) + 1) % len(SORTS)]
+        self._reread = True
+        self.poll()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         actions = {"ppo-start": self.action_start, "ppo-pause": lambda: self.action_control("pause"),
