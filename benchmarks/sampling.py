@@ -8,8 +8,11 @@ memory for K completions of one prompt, on the CPU and on CUDA when present:
 - plain generate: what a user would write, ``transformers``' ``generate`` on the
   same model in full precision (float32 on a CPU), same K, length and sampling;
 - ours as the workbench samples (``rlhf.sampling.sample_k`` on a ModelStack:
-  LoRA policy adapter, log-probs kept): 4-bit NF4 and full weights, each in the
-  precision chosen for the device (bf16 on a CPU with native bf16) and in float32.
+  LoRA policy adapter, log-probs kept), from the merged inference copy
+  (rlhf.inference_copy): 4-bit NF4 and full weights, each in the precision
+  chosen for the device (bf16 on a CPU with native bf16) and in float32;
+- ours through the training path (the peft model, LoRA branches and 4-bit
+  dequantization at every token), as it sampled before the inference copy.
 
 Each configuration runs in its own process so peak memory is its own. The last
 line is ``ratio tokens_per_s=<ours, default settings / plain generate>`` on the CPU.
@@ -28,9 +31,11 @@ import time
 PROMPT = "Write a short paragraph about why the sea is salty."
 
 
-# name -> (4-bit, precision): None is the device's choice (rlhf.model_stack.compute_dtype)
-OURS = {"ours 4-bit (default)": (None, None), "ours full": (False, None),
-        "ours 4-bit float32": (True, "float32"), "ours full float32": (False, "float32")}
+# name -> (4-bit, precision, from the inference copy): None is the device's choice
+# (rlhf.model_stack.compute_dtype)
+OURS = {"ours 4-bit (default)": (None, None, True), "ours full": (False, None, True),
+        "ours 4-bit float32": (True, "float32", True), "ours full float32": (False, "float32", True),
+        "ours 4-bit training path": (None, None, False), "ours full training path": (False, None, False)}
 PLAIN = "plain generate float32"
 
 
@@ -65,12 +70,13 @@ def _ours(config: str, device: str, k: int, new_tokens: int):
     from rlhf.models import load_stack
     from rlhf.sampling import SamplingParams, sample_k
 
-    quantize, dtype = OURS[config]
+    quantize, dtype, fast = OURS[config]
     options = ModelOptions(quantize=quantize, device=device, dtype=dtype)
     load_stack(options)  # warms the 4-bit cache
     start = time.perf_counter()
     stack = load_stack(options)
     load_s = time.perf_counter() - start
+    stack.fast_sampling = fast
     # Force full-length completions so every configuration generates the same work.
     stack.peft.generation_config.min_new_tokens = new_tokens
 
@@ -136,11 +142,11 @@ def main() -> None:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"K={args.k} completions x {args.new_tokens} new tokens, SmolLM2-135M-Instruct, {args.repeats} repeats, "
           f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
-    print(f"{'device':<6} {'configuration':<24} {'precision':<26} {'load s':>7} {'tok/s':>8} {'s/call':>7} "
+    print(f"{'device':<6} {'configuration':<26} {'precision':<26} {'load s':>7} {'tok/s':>8} {'s/call':>7} "
           f"{'peak RSS MB':>12} {'peak GPU MB':>12}")
     for r in rows:
         gpu = f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] is not None else "-"
-        print(f"{r['device']:<6} {r['config']:<24} {r['precision']:<26} {r['load_s']:>7.2f} "
+        print(f"{r['device']:<6} {r['config']:<26} {r['precision']:<26} {r['load_s']:>7.2f} "
               f"{r['tokens_per_s']:>8.1f} {r['s_per_call']:>7.2f} {r['peak_rss_mb']:>12.0f} {gpu:>12}")
     cpu = {r["config"]: r["tokens_per_s"] for r in rows if r["device"] == "cpu"}
     print(f"ratio tokens_per_s={cpu[next(iter(OURS))] / cpu[PLAIN]:.2f}")

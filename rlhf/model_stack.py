@@ -97,6 +97,11 @@ class ModelStack:
             _keep_4bit_differentiable(model)
         self.dtype = dtype or compute_dtype(device)
         self.peft = get_peft_model(model, self.lora_config, adapter_name="policy")
+        from rlhf.inference_copy import wanted
+
+        # Sample from a merged copy of a small base (rlhf.inference_copy); built at first use.
+        self.fast_sampling = wanted(self)
+        self._inference_copy: Any = None
         self.peft.eval()  # dropout off everywhere; we never call train()
         for p in self.peft.parameters():  # trainers switch on what they train
             p.requires_grad_(False)
@@ -181,6 +186,18 @@ class ModelStack:
         finally:
             with self._keep_grad_flags():
                 self.peft.set_adapter(previous)
+
+    def sampling_model(self, role: str) -> nn.Module:
+        """What ``generate`` is called on for a role's answers: the merged inference
+        copy where the base is small enough (``fast_sampling``), else the peft model,
+        which the caller runs inside ``role(role)``."""
+        if not self.fast_sampling:
+            return self.peft
+        if self._inference_copy is None:
+            from rlhf.inference_copy import InferenceCopy
+
+            self._inference_copy = InferenceCopy(self)
+        return self._inference_copy.for_role(role)
 
     @property
     def depth(self) -> int:

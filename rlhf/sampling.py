@@ -10,6 +10,7 @@ sampling temperature: the same numbers PPO later recomputes for its ratio and KL
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,8 +59,9 @@ def generate(stack: ModelStack, prompt_rows: Sequence[Sequence[int]], params: Sa
         chunk = prompt_rows[start:start + params.batch_size]
         ids, mask = left_pad(chunk, pad)
         ids, mask = ids.to(stack.device), mask.to(stack.device)
-        with stack.role(role):
-            out = stack.peft.generate(
+        model = stack.sampling_model(role)
+        with stack.role(role) if model is stack.peft else nullcontext():
+            out = model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True,
                 temperature=params.temperature, top_p=params.top_p, top_k=0,
                 max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=pad,

@@ -85,7 +85,7 @@ def test_answer_pair_gives_every_token_a_log_ratio(tiny_dir, store, trained_vers
     from rlhf.model_options import ModelOptions
     from rlhf.models import load_stack
 
-    stack = load_stack(ModelOptions(source=tiny_dir, quantize=False, device="cpu"))
+    stack = load_stack(ModelOptions(source=tiny_dir, quantize=False, device="cpu", dtype="float32"))
     load_drift_version(stack, store, trained_version)
     torch.manual_seed(0)
     params = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=6)

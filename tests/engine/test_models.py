@@ -36,7 +36,7 @@ def test_adapters_save_and_load_by_name_and_version(tiny_stack, tiny_dir, store,
     trained = _logits(tiny_stack, "policy")
     version = store.add_checkpoint("policy", tiny_stack.save_adapter("policy", tmp_path / "policy-v1"))
 
-    fresh = load_stack(ModelOptions(source=tiny_dir, quantize=False, device="cpu"))
+    fresh = load_stack(ModelOptions(source=tiny_dir, quantize=False, device="cpu", dtype="float32"))
     fresh.load_policy(store.checkpoint("policy", version).path, version)
     assert fresh.policy_version == version
     assert torch.allclose(_logits(fresh, "policy"), trained, atol=1e-6)

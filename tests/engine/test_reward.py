@@ -474,7 +474,7 @@ def test_an_ensemble_trains_on_every_label_and_its_version_scores_with_the_heads
     heads = head_rewards(tiny_stack, sequences, lengths, readout)
     assert heads.std(1).mean() > 0                            # the resamples disagree somewhat
     tiny_stack.save_adapter("reward", tmp_path / "ensemble")
-    fresh = load_stack(ModelOptions(source=tiny_dir, quantize=False, device="cpu"))
+    fresh = load_stack(ModelOptions(source=tiny_dir, quantize=False, device="cpu", dtype="float32"))
     fresh.load_adapter("reward", tmp_path / "ensemble")
     assert fresh.reward_head.out_features == 5
     with fresh.role("reward"):
