@@ -4,10 +4,15 @@ score, KL or length, and (with --queue) sent to the labeling queue."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from rlhf.commands.common import add_model_options, at_least, model_options, open_db, say
 from rlhf.errors import UserError
 from rlhf.store import ROLLOUT_SORTS
+
+if TYPE_CHECKING:
+    from rlhf.sampling import Sample
+    from rlhf.store import Store
 
 # Characters of prompt and completion a listed row shows.
 PROMPT_CHARS, COMPLETION_CHARS = 32, 70
@@ -54,7 +59,9 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
     return 0
 
 
-def queue(args: argparse.Namespace, store, job_id: int) -> int:
+def queue(args: argparse.Namespace, store: Store, job_id: int) -> int:
+    """--queue: the iteration's rollouts into the labeling queue, the model
+    loaded only if a prompt needs more completions."""
     from rlhf.models import load_stack
     from rlhf.rollout_archive import queue_rollouts, session_sampling
     from rlhf.sampling import sample_k
@@ -64,7 +71,7 @@ def queue(args: argparse.Namespace, store, job_id: int) -> int:
     params = session_sampling(store, job_id)
     stack = None
 
-    def sample_more(prompt: str, version: int, n: int) -> list:
+    def sample_more(prompt: str, version: int, n: int) -> list[Sample]:
         nonlocal stack
         if stack is None:
             stack = load_stack(model_options(args), progress=say)
