@@ -12,7 +12,7 @@ peft's own ``merge_adapter`` is not used: it merges into the shared base in
 place, and unmerging a 4-bit or 16-bit weight does not give it back exactly,
 so the policy, its reference and the reward model would drift apart.
 
-The copy is refreshed whenever the adapter it holds may have changed: it is
+The LoRA layers' weights are merged again whenever the adapter it holds may have changed: it is
 keyed by the role and a fingerprint of that adapter's values (a sum and a sum
 of squares per tensor, a few milliseconds), so an optimizer step, a loaded
 version or a reset all show, whoever made them.
@@ -53,7 +53,7 @@ class InferenceCopy:
             del config.quantization_config
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=stack.dtype)
-        # Every tensor is filled from the base by ``refresh`` before first use.
+        # Every tensor is filled from the base (``fill``, ``merge``) before first use.
         self.model = model.to_empty(device=stack.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -61,28 +61,44 @@ class InferenceCopy:
                                  for attribute, value in vars(module).items()
                                  if isinstance(value, torch.Tensor) and value.is_meta]
         self.model.generation_config = base.generation_config
-        self.key: tuple[Any, ...] | None = None
+        self._lora_layers = self._layers()
+        self.key: tuple[Any, ...] | None = None  # None: nothing copied yet
 
     def for_role(self, role: str) -> nn.Module:
-        """The copy answering as ``role``, refreshed if that adapter changed."""
+        """The copy answering as ``role``, merged again if that adapter changed."""
         adapter = adapter_for(self.stack, role)
         key = (adapter, _fingerprint(self.stack, adapter))
         if key != self.key:
-            self.refresh(adapter)
+            if self.key is None:
+                self.fill()
+            self.merge(adapter)
             self.key = key
         return self.model
 
+    def _layers(self) -> list[tuple[nn.Module, Any]]:
+        """(copy's linear layer, the base's LoRA layer) pairs: what adapters change."""
+        from peft.tuners.lora import LoraLayer
+
+        base = self.stack.peft.get_base_model()
+        return [(module, source) for name, module in self.model.named_modules()
+                if isinstance(source := base.get_submodule(name), LoraLayer)]
+
     @torch.no_grad()
-    def refresh(self, adapter: str | None) -> None:
-        """Copy every tensor of the base, each LoRA layer's weight merged with
-        ``adapter`` (none: the bare base)."""
+    def merge(self, adapter: str | None) -> None:
+        """Each LoRA layer's weight: the base's merged with ``adapter`` (none: the bare base)."""
+        for module, source in self._lora_layers:
+            module.weight.copy_(_merged_weight(source, adapter))
+
+    @torch.no_grad()
+    def fill(self) -> None:
+        """Copy once what no adapter changes: every tensor of the base outside
+        the LoRA layers' weights."""
         from peft.tuners.lora import LoraLayer
 
         base = self.stack.peft.get_base_model()
         for name, module in self.model.named_modules():
             source = base.get_submodule(name)
             if isinstance(source, LoraLayer):
-                module.weight.copy_(_merged_weight(source, adapter))
                 if getattr(module, "bias", None) is not None:
                     module.bias.copy_(source.get_base_layer().bias)
                 continue

@@ -72,9 +72,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def export_rollouts(args: argparse.Namespace) -> int:
+    from rlhf.exchange_export import format_for
     from rlhf.rollout_archive import export_rollouts
 
-    if args.fmt not in (None, "trl") or args.out.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
+    if args.fmt not in (None, "trl") or format_for(args.out) != "trl":
         raise UserError(f"rollouts are written as JSONL: name the output like {args.out.stem}.jsonl")
     with open_db(args) as store:
         n = export_rollouts(store, args.out, args.job)

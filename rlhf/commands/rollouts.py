@@ -43,7 +43,8 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
         job_id = ppo_job_id(store, args.job)
         if args.queue:
             return queue(args, store, job_id)
-        rows = store.rollouts(job_id, args.iteration, sort=args.sort, limit=args.limit)
+        kept = store.rollouts(job_id, args.iteration, sort=args.sort)
+        rows = kept[:args.limit]
         if not rows:
             raise UserError(f"PPO job {job_id} kept no rollouts" + (
                 f" of iteration {args.iteration}" if args.iteration else "") + ": it keeps them as it runs")
@@ -53,9 +54,8 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
             version = "-" if r.policy_version is None else str(r.policy_version)
             print(f"{r.iteration:>4} {version:>4} {r.score:>7.3f} {r.kl:>6.2f} {r.n_tokens:>4} {r.finish_reason:<6} "
                   f"{_cut(r.prompt, PROMPT_CHARS):<{PROMPT_CHARS}} {_cut(r.completion, COMPLETION_CHARS)}")
-        total = len(store.rollouts(job_id, args.iteration))
-        if total > len(rows):
-            say(f"{len(rows)} of {total} rollouts shown (--limit)")
+        if len(kept) > len(rows):
+            say(f"{len(rows)} of {len(kept)} rollouts shown (--limit)")
     return 0
 
 
