@@ -6,6 +6,7 @@ settings with a TRL script for a cluster, rlhf/recipe_export.py)."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from rlhf.commands.common import at_least, open_db, say
@@ -53,7 +54,7 @@ def cmd_export_recipe(args: argparse.Namespace) -> int:
 
     with open_db(args) as store:
         out = export_recipe(store, args.out, version=args.version, base=args.base)
-    settings = __import__("json").loads((out / SETTINGS).read_text())
+    settings = json.loads((out / SETTINGS).read_text())
     print(f"wrote the recipe to {out}: {settings['labels']['pairs']} pairs, {settings['base']}; "
           f"run it with `accelerate launch --config_file {out / 'accelerate.yaml'} {out / 'train.py'} reward` "
           "(then `policy`), as its README.md says")
