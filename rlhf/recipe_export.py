@@ -8,13 +8,11 @@ the workbench hands over to it and does not grow its own):
 - ``prompts.jsonl``: the prompts (as chat messages) the policy trains on;
 - ``recipe.json``: the base, the LoRA shape, and a PPO/RLOO session's settings
   (beta, length budget, temperature, top-p, learning rate, samples per prompt);
-- ``train.py`` (from ``recipe_files/``): reward-model training on the labels with
+- ``train.py`` (from ``export_files/``): reward-model training on the labels with
   TRL's RewardTrainer, then RLOO against it with TRL's RLOOTrainer;
+- ``reward_model/``: the workbench's latest reward model as a sequence
+  classifier (rlhf.reward_export), which RLOO can run against as it is;
 - ``accelerate.yaml``: a multi-GPU launch, and a README saying how to run it.
-
-The recipe retrains the reward model from the labels rather than carrying the
-workbench's own: that one reads a middle layer's mean through bagged heads,
-which no standard sequence classifier reproduces.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,15 +33,16 @@ from rlhf.ppo_config import PPOConfig
 from rlhf.rows import Checkpoint
 from rlhf.store import Store
 
-RECIPE_FILES = Path(__file__).with_name("recipe_files")
-SCRIPT, ACCELERATE, SETTINGS = "train.py", "accelerate.yaml", "recipe.json"
+RECIPE_FILES = Path(__file__).with_name("export_files")
+SCRIPT, ACCELERATE, SETTINGS, REWARD_DIR = "train.py", "accelerate.yaml", "recipe.json", "reward_model"
 SESSION_KEYS = ("algorithm", "beta", "rloo_k", "max_new_tokens", "temperature", "top_p", "learning_rate")
 # The reward stage's settings: a LoRA fine-tune for a few epochs (TRL's default is one,
 # which learns little from the tens to hundreds of labels one person makes).
 REWARD_DEFAULTS = {"epochs": 3, "batch_size": 8, "lr": 1e-4, "max_length": 512, "eval_fraction": 0.2}
 
 
-def export_recipe(store: Store, out: str | Path, *, version: int | None = None, base: str | None = None) -> Path:
+def export_recipe(store: Store, out: str | Path, *, version: int | None = None, base: str | None = None,
+                  progress: Callable[[str], None] | None = None) -> Path:
     """Write the recipe folder ``out`` (new or empty); returns it. ``version``: the
     policy version whose session's settings to carry (default: the latest trained
     by PPO or RLOO; the defaults when there is none); ``base``: the base model's
@@ -63,6 +63,9 @@ def export_recipe(store: Store, out: str | Path, *, version: int | None = None, 
     try:
         _write_jsonl(tmp / "preferences.jsonl", pair_rows(pairs, conversational=True, metadata=False))
         _write_jsonl(tmp / "prompts.jsonl", [{"prompt": prompt_messages(text)} for text in prompts])
+        if progress and store.checkpoint("reward") is not None:
+            progress("exporting the latest reward model beside the recipe")
+        settings["reward_model"] = _workbench_reward(store, tmp / REWARD_DIR)
         (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
         for name in (SCRIPT, ACCELERATE):
             shutil.copy2(RECIPE_FILES / name, tmp / name)
@@ -74,6 +77,22 @@ def export_recipe(store: Store, out: str | Path, *, version: int | None = None, 
         out.rmdir()  # empty: checked above
     tmp.rename(out)
     return out
+
+
+def _workbench_reward(store: Store, out: Path) -> dict[str, Any] | None:
+    """The latest reward version, exported beside the recipe (rlhf.reward_export),
+    or why it is not there: RLOO can run against it instead of a retrained one."""
+    checkpoint = store.checkpoint("reward")
+    if checkpoint is None:
+        return {"path": None, "why": "no reward model in the database"}
+    from rlhf.reward_export import export_reward
+
+    try:
+        export_reward(store, checkpoint.version, out)
+    except UserError as e:
+        return {"path": None, "why": str(e)}
+    return {"path": out.name, "version": checkpoint.version,
+            "eval_accuracy": checkpoint.meta.get("eval_accuracy"), "eval_pairs": checkpoint.meta.get("eval_pairs")}
 
 
 def session_version(store: Store, version: int | None) -> Checkpoint | None:
@@ -155,16 +174,27 @@ def readme(settings: dict[str, Any]) -> str:
         "accelerate launch --config_file accelerate.yaml train.py reward   # -> runs/reward",
         "accelerate launch --config_file accelerate.yaml train.py policy   # -> runs/policy (a LoRA adapter)",
         "```", "",
+        *_reward_lines(settings["reward_model"]),
         "Set `num_processes` in accelerate.yaml to the GPU count. `python train.py all --cpu --max-steps 1` is a "
         "smoke run. The settings are in `recipe.json`: edit them there.", "",
         "## What differs from the workbench", "",
-        "- The reward model is trained again from the labels (a LoRA sequence classifier on the base's last "
-        "token); the workbench's reads a middle layer's mean through bagged heads, which no standard "
-        "sequence classifier reproduces.",
+        "- `train.py reward` trains a reward model again from the labels, as TRL does (a LoRA sequence "
+        "classifier reading the last layer at the last token); the workbench's own reads a middle layer's "
+        "mean through bagged heads (`reward_model/` carries it, with the few lines of code that read it so).",
         "- Training runs in bf16 on GPUs, not on a 4-bit base; the KL penalty is TRL's (per answer, against "
         "the base).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _reward_lines(reward: dict[str, Any]) -> list[str]:
+    if not reward.get("path"):
+        return [f"The workbench's reward model is not included ({reward['why']}).", ""]
+    accuracy = reward.get("eval_accuracy")
+    held = f", held-out accuracy {accuracy:.2f} on {reward['eval_pairs']} pairs" if isinstance(accuracy, float) else ""
+    return [f"Or skip the reward stage: `train.py policy --reward {reward['path']}` runs RLOO against the "
+            f"workbench's own reward model (version {reward['version']}{held}), exported to `{reward['path']}/` "
+            "as a sequence classifier (loaded with `trust_remote_code`).", ""]
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -25,6 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merged", action="store_true", help="merge the adapter into the base (full precision)")
     p.set_defaults(func=cmd_export_policy)
 
+    p = sub.add_parser("export-reward", help="write a reward version as a sequence classifier transformers loads",
+                       description="Write reward VERSION to the new folder OUT as a transformers sequence "
+                                   "classifier (num_labels 1) that scores as the workbench does: the base with the "
+                                   "reward adapter merged in, cut to the layers the reward reads, the heads' mean "
+                                   "with the normalization folded in. Load it with "
+                                   "AutoModelForSequenceClassification.from_pretrained(OUT, trust_remote_code=True); "
+                                   "TRL's RLOO and GRPO take it as reward_funcs.")
+    p.add_argument("version", type=at_least(1), help="reward version (`rlhf stats` lists them)")
+    p.add_argument("out", type=Path, help="a new (or empty) folder")
+    p.set_defaults(func=cmd_export_reward)
+
     p = sub.add_parser("export-recipe", help="write the labels and a session's settings with a TRL script for a "
                                              "cluster",
                        description="Write to the new folder OUT what continues the experiment with TRL on many "
@@ -49,11 +60,21 @@ def cmd_export_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_reward(args: argparse.Namespace) -> int:
+    from rlhf.reward_export import export_reward
+
+    with open_db(args) as store:
+        out = export_reward(store, args.version, args.out, progress=say)
+    print(f"wrote reward version {args.version} to {out} (a sequence classifier: load it with "
+          "trust_remote_code=True, as its README.md says)")
+    return 0
+
+
 def cmd_export_recipe(args: argparse.Namespace) -> int:
     from rlhf.recipe_export import SETTINGS, export_recipe
 
     with open_db(args) as store:
-        out = export_recipe(store, args.out, version=args.version, base=args.base)
+        out = export_recipe(store, args.out, version=args.version, base=args.base, progress=say)
     settings = json.loads((out / SETTINGS).read_text())
     print(f"wrote the recipe to {out}: {settings['labels']['pairs']} pairs, {settings['base']}; "
           f"run it with `accelerate launch --config_file {out / 'accelerate.yaml'} {out / 'train.py'} reward` "

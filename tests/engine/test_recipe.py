@@ -50,6 +50,7 @@ def test_the_recipe_carries_the_labels_and_the_sessions_settings(store, db_path,
     readme = (out / "README.md").read_text()
     assert "beta 0.2" in readme and "point `--base`" in readme  # a local path must be pointed at on the cluster
     assert {"train.py", "accelerate.yaml"} <= {p.name for p in out.iterdir()}
+    assert settings["reward_model"] == {"path": None, "why": "no reward model in the database"}
 
 
 def test_the_recipe_refuses_what_it_cannot_write(store, db_path, tmp_path, capsys):
@@ -72,19 +73,27 @@ def test_the_recipe_refuses_what_it_cannot_write(store, db_path, tmp_path, capsy
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is not installed (the test extra has it)")
-def test_the_recipe_runs_one_step_of_each_stage_with_trl(store, db_path, tmp_path, tiny_dir):
+def test_the_recipe_runs_one_step_of_each_stage_with_trl(store, db_path, tmp_path, tiny_dir, tiny_stack):
+    """Both stages, then RLOO against the workbench's own reward model, exported beside the script."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     synthetic_pairs(store, 12)
     _ppo_version(store, tmp_path, max_new_tokens=8, rloo_k=2)
+    tiny_stack.ensure_adapter("reward")
+    tiny_stack.save_adapter("reward", tmp_path / "r1", {})
+    store.add_checkpoint("reward", tmp_path / "r1", meta={"readout": {"layer": 1, "pool": "mean"}})
     out = tmp_path / "recipe"
     assert main(["--db", str(db_path), "export-recipe", str(out), "--base", tiny_dir]) == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(out / "train.py"), "all", "--cpu", "--max-steps", "1",
-                           "--report-to", "none"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    smoke = ["--cpu", "--max-steps", "1", "--report-to", "none"]
+    for stage in (["all"], ["policy", "--reward", "reward_model", "--output", str(out / "theirs")]):
+        done = subprocess.run([sys.executable, str(out / "train.py"), *stage, *smoke], cwd=tmp_path, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "recipe.json").read_text())["reward_model"]["path"] == "reward_model"
     reward = AutoModelForSequenceClassification.from_pretrained(out / "runs" / "reward")
     assert reward.config.num_labels == 1
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(out / "runs" / "policy"))
     assert policy.peft_config["default"].r == 4
+    assert (out / "theirs" / "policy" / "adapter_model.safetensors").exists()

@@ -15,7 +15,8 @@ Two stages, as in the workbench:
 ``reward`` trains a sequence classifier (LoRA, merged when done) on the labels
 with TRL's RewardTrainer and saves it to ``runs/reward``; ``policy`` trains a
 LoRA policy with TRL's RLOOTrainer (K answers a prompt, each against the other
-K-1) against that reward model, KL-regularized towards the base with the
+K-1) against that reward model (or with ``--reward reward_model`` against the
+workbench's own, exported beside this script), KL-regularized towards the base with the
 session's beta, and saves the adapter to ``runs/policy``. ``--max-steps`` and
 ``--cpu`` are for a smoke run; ``--base`` points at another copy of the base.
 """
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("stage", choices=("reward", "policy", "all"))
     p.add_argument("--base", help="the base model (default: recipe.json's)")
     p.add_argument("--output", type=Path, default=HERE / "runs", help="where runs/reward and runs/policy go")
+    p.add_argument("--reward", type=Path, help="the reward model RLOO runs against (default: what the reward "
+                                               "stage wrote; reward_model for the workbench's own)")
     p.add_argument("--max-steps", type=int, default=-1, help="stop each stage after this many steps (a smoke run)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU")
     p.add_argument("--report-to", default="tensorboard", help="TRL's report_to: tensorboard, wandb, none")
@@ -98,15 +101,17 @@ def train_policy(recipe: dict[str, Any], args: argparse.Namespace) -> None:
     from trl import RLOOConfig, RLOOTrainer
 
     session = recipe["session"]
-    reward = args.output / "reward"
+    reward = args.output / "reward" if args.reward is None else (
+        args.reward if args.reward.exists() else HERE / args.reward)
     if not (reward / "config.json").exists():
-        raise SystemExit(f"no reward model at {reward}: run `train.py reward` first")
+        raise SystemExit(f"no reward model at {reward}: run `train.py reward` first, or pass --reward")
     prompts = load_dataset("json", data_files=str(HERE / "prompts.jsonl"), split="train")
     k = session["rloo_k"]
     config = RLOOConfig(**common(args, args.output / "policy"), num_train_epochs=session["prompt_epochs"],
                         per_device_train_batch_size=k, num_generations=k, beta=session["beta"],
                         max_completion_length=session["max_new_tokens"], temperature=session["temperature"],
-                        top_p=session["top_p"], learning_rate=session["learning_rate"])
+                        top_p=session["top_p"], learning_rate=session["learning_rate"],
+                        trust_remote_code=True)  # the workbench's exported reward model reads with its own code
     trainer = RLOOTrainer(model=recipe["base"], reward_funcs=str(reward), args=config, train_dataset=prompts,
                           peft_config=lora(recipe, "CAUSAL_LM"))
     trainer.train()
