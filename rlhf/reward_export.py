@@ -166,8 +166,8 @@ def model_card(version: int, meta: dict[str, Any], record: dict[str, Any], base_
              f"- **Base**: `{base_name}`, its first {readout.get('layer', '?')} layers with the reward adapter "
              "merged in" + (" (trained on the 4-bit NF4 base: merged here into its full-precision weights, so "
                             "scores are close to the workbench's, not the same)" if record.get("quantized") else ""),
-             f"- **Reads**: the answer's {pooled}; {meta.get('heads', 1)} reward heads averaged, normalization folded in (a sample of the policy "
-             "scores mean 0, std 1)",
+             f"- **Reads**: the answer's {pooled}; {meta.get('heads', 1)} reward heads averaged, normalization "
+             "folded in (a sample of the policy scores mean 0, std 1)",
              f"- **Trained on**: {meta.get('sources', 'all')} pairs, {held}", "",
              "## Loading it", "", "```python",
              "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
