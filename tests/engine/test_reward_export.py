@@ -9,6 +9,8 @@ from conftest import PROMPTS
 
 from rlhf.chat import chat_prompt_ids
 from rlhf.cli import main
+from rlhf.model_options import ModelOptions
+from rlhf.models import load_stack, tiny_model_dir
 from rlhf.reward_scoring import load_scorer
 
 
@@ -42,14 +44,20 @@ def _padded(sequences, pad, side):
     return torch.tensor(rows), torch.tensor(mask)
 
 
-@pytest.mark.parametrize(("layer", "pool"), [(1, "mean"), (2, "eos")])
-def test_the_exported_reward_model_scores_as_the_workbench(store, db_path, tiny_stack, tmp_path, layer, pool):
+@pytest.mark.parametrize(("arch", "layer", "pool"), [("llama", 1, "mean"), ("llama", 2, "eos"), ("qwen2", 1, "mean"),
+                                                     ("mistral", 1, "mean")])
+def test_the_exported_reward_model_scores_as_the_workbench(store, db_path, tmp_path, arch, layer, pool):
     from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    tiny_stack = load_stack(ModelOptions(source=tiny_model_dir(arch=arch), quantize=False, device="cpu",
+                                         dtype="float32"))
 
     _reward_version(store, tiny_stack, tmp_path / "r1", layer=layer, pool=pool)
     assert main(["--db", str(db_path), "export-reward", "1", str(tmp_path / "out")]) == 0
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     assert model.config.num_labels == 1 and model.config.num_hidden_layers == layer
+    assert model.config.model_type == arch
 
     scorer = load_scorer(tiny_stack, store, 1)
     prompts, answers = _answers(tiny_stack.tokenizer)
