@@ -36,6 +36,7 @@ from workbench.screens.dialogs import ExportDialog, ExportRequest, ImportDialog,
 from workbench.screens.drift import DriftScreen
 from workbench.screens.help import HelpScreen
 from workbench.screens.label import LabelScreen
+from workbench.screens.dpo import DPOScreen
 from workbench.screens.ppo import PPOScreen
 from workbench.screens.train import TrainScreen
 
@@ -62,6 +63,8 @@ class WorkbenchApp(App[None]):
         Binding("f2", "switch_mode('train')", "Train", tooltip="Reward model: train, watch, cancel"),
         Binding("f3", "switch_mode('ppo')", "PPO", tooltip="PPO sessions: start, pause, stop; live reward and KL"),
         Binding("f4", "switch_mode('drift')", "Drift", tooltip="Policy vs reference: per-token drift, blind labels"),
+        Binding("f5", "switch_mode('dpo')", "DPO", tooltip="DPO on the labeled pairs: start, cancel; live loss, "
+                                                          "accuracy, implicit rewards and KL"),
         Binding("v", "pick_version", "Version", tooltip="Choose the policy version to sample from"),
         Binding("x", "export", "Export", tooltip="Export recorded pairs (TRL / Parquet / datasets)"),
         Binding("i", "import", "Import", tooltip="Import preference pairs (TRL / Parquet / datasets / HH-RLHF)"),
@@ -86,7 +89,7 @@ class WorkbenchApp(App[None]):
         """``model`` (rlhf.models.ModelOptions) is loaded in a worker; a ready
         ``stack`` or a ``sampler`` (tests: a fake) skips loading.
         ``policy_version`` None means the latest trained policy, else the base.
-        ``job_defaults`` (per job kind, 'reward' and 'ppo') go over the config of
+        ``job_defaults`` (per job kind: 'reward', 'ppo', 'dpo') go over the config of
         the jobs the screens start, ``drift_params`` answer the drift probes
         (tests make both tiny). Every ``repeat_every`` labels an earlier comparison
         comes back unannounced (rlhf.consistency; 0: never)."""
@@ -118,6 +121,7 @@ class WorkbenchApp(App[None]):
         self.add_mode("train", partial(TrainScreen, job_defaults=job_defaults.get("reward")))
         self.add_mode("ppo", partial(PPOScreen, job_defaults=job_defaults.get("ppo")))
         self.add_mode("drift", partial(DriftScreen, params=drift_params))
+        self.add_mode("dpo", partial(DPOScreen, job_defaults=job_defaults.get("dpo")))
 
     # -- start-up
 

@@ -1,5 +1,5 @@
 """Whole-screen pictures of every screen and dialog of the workbench (pytest-textual-snapshot),
-one class per feature: labeling, its dialogs, help, Train, disagreements, PPO, drift.
+one class per feature: labeling, its dialogs, help, Train, disagreements, PPO, drift, DPO.
 
 No model is loaded: completions come from ``FakeSampler``; jobs, metrics, checkpoints and labels
 are rows the test writes into the store, with fixed values (and fixed times where a time is on
@@ -37,6 +37,7 @@ from workbench.messages import LabeledPairsScored
 from workbench.screens.dialogs import ExportDialog, ImportDialog, PromptEditor, RuleDialog, VersionPicker
 from workbench.screens.disagreements import DisagreementsScreen
 from workbench.screens.drift import DriftScreen
+from workbench.screens.dpo import DPOScreen
 from workbench.screens.help import HelpScreen
 from workbench.screens.ppo import PPOScreen
 from workbench.screens.train import TrainScreen
@@ -419,3 +420,51 @@ class TestDriftScreen:
             await _settle(pilot)
 
         assert snap_compare(_app(store), terminal_size=TALL, run_before=run_before)
+
+
+# --- DPO screen ------------------------------------------------------------------------------
+
+
+def _finished_dpo_job(store, tmp_path: Path) -> None:
+    """A DPO job of 3 epochs x 4 steps: falling loss, rising accuracy and margin, KL per epoch, v1-v3."""
+    job_id = store.create_job("dpo", {"dpo": {"beta": 0.1, "epochs": 3}}, total_steps=12)
+    store.update_job(job_id, status="running", pid=4242)
+    for step in range(1, 13):
+        values = {"loss": 0.69 * math.exp(-step / 8) + 0.1 + 0.02 * math.sin(step), "epoch": 1 + (step - 1) // 4,
+                  "rewards/accuracies": min(1.0, 0.45 + 0.04 * step + 0.05 * math.cos(step)),
+                  "rewards/chosen": 0.02 * step, "rewards/rejected": -0.03 * step,
+                  "rewards/margins": 0.05 * step}
+        if step % 4 == 0:
+            values |= {"eval/loss": 0.69 - 0.02 * step, "eval/rewards/accuracies": 0.5 + 0.015 * step,
+                       "objective/kl": 0.4 * step / 4}
+        store.log_metrics(job_id, step, values)
+    for epoch in (1, 2, 3):
+        store.add_checkpoint("policy", tmp_path / f"policy-v{epoch}", job_id=job_id, parent_version=epoch - 1,
+                             meta={"iteration": epoch, "method": "dpo", "kl": 0.4 * epoch,
+                                   "eval_accuracy": 0.5 + 0.06 * epoch, "eval_pairs": 20})
+    store.update_job(job_id, status="done", step=12, finished_at=FIXED_TIME)
+
+
+class TestDPOScreen:
+    def test_idle_with_no_job(self, store, snap_compare):
+        """F5 before any DPO run: empty plots; the status line says s trains the policy on the pairs."""
+
+        async def run_before(pilot: Pilot) -> None:
+            await _label_screen_ready(pilot)
+            await _open(pilot, "f5", DPOScreen)
+            await wait_for(pilot, lambda: "No DPO run yet" in _status(pilot, "#dpo-status"))
+            await _settle(pilot)
+
+        assert snap_compare(_app(store), terminal_size=WIDE, run_before=run_before)
+
+    def test_after_a_finished_job(self, store, tmp_path, snap_compare):
+        """F5 after three epochs saved v1-v3: the four plots and the last version's figures."""
+        _finished_dpo_job(store, tmp_path)
+
+        async def run_before(pilot: Pilot) -> None:
+            await _label_screen_ready(pilot)
+            await _open(pilot, "f5", DPOScreen)
+            await wait_for(pilot, lambda: "saved v1-v3" in _status(pilot, "#dpo-status"))
+            await _settle(pilot)
+
+        assert snap_compare(_app(store), terminal_size=WIDE, run_before=run_before)
