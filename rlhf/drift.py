@@ -53,6 +53,8 @@ class DriftAnswer:
     finish_reason: str
     pieces: list[str] = field(default_factory=list)
     log_ratios: list[float] = field(default_factory=list)
+    best_of: int | None = None          # picked by reward model ``reward_version`` among this many samples
+    reward_version: int | None = None
 
     @property
     def log_ratio_sum(self) -> float:
@@ -69,7 +71,17 @@ class DriftPair:
 
     @property
     def kl(self) -> float:
+        """The policy answer's sequence KL estimate; for best-of-N, its bound."""
+        if self.policy.best_of:
+            return best_of_n_kl_bound(self.policy.best_of)
         return self.policy.log_ratio_sum
+
+
+def best_of_n_kl_bound(n: int) -> float:
+    """KL(best-of-n || reference) <= log n - (n-1)/n nats (Beirami et al. 2024)."""
+    from rlhf.evaluation import best_of_n_kl_bound as bound
+
+    return bound(n)
 
 
 def load_drift_version(stack: Any, store: Store, version: int) -> None:
@@ -123,6 +135,34 @@ def answer_pair(stack: Any, prompt: str, params: Any) -> DriftPair:
     return DriftPair(prompt, answers[0], answers[1])
 
 
+def answer_best_of_pair(stack: Any, scorer: Any, prompt: str, params: Any, n: int) -> DriftPair:
+    """The reference answers ``prompt`` once, and best-of-``n`` answers it: ``n``
+    samples of the reference, the one ``scorer`` (a RewardScorer) rates highest.
+    Best-of-N is the reference reweighted, so every token's log-ratio is 0 and
+    its drift is the bound log n - (n-1)/n."""
+    from rlhf.chat import chat_prompt_ids
+    from rlhf.sampling import generate
+
+    if n < 2:
+        raise UserError(f"best-of-{n} is the reference itself: pick N of at least 2")
+    prompt_ids = chat_prompt_ids(stack.tokenizer, prompt)
+    samples = generate(stack, [prompt_ids] * (n + 1), params, role="base")
+    reference, candidates = samples[0], samples[1:]
+    scores = scorer.score_ids([prompt_ids] * n, [c.token_ids for c in candidates],
+                              [c.finish_reason == "eos" for c in candidates])
+    best = candidates[int(scores.argmax())]
+    reward_version = getattr(scorer, "version", None)
+
+    def answer(sample: Any, best_of: int | None) -> DriftAnswer:
+        return DriftAnswer(policy_version=REFERENCE_VERSION, text=sample.text, token_ids=sample.token_ids,
+                           logprobs=sample.logprobs, finish_reason=sample.finish_reason,
+                           pieces=token_pieces(stack.tokenizer, sample.token_ids),
+                           log_ratios=[0.0] * len(sample.token_ids), best_of=best_of,
+                           reward_version=reward_version if best_of else None)
+
+    return DriftPair(prompt, answer(reference, None), answer(best, n))
+
+
 # --- blind labels --------------------------------------------------------------------
 
 
@@ -145,7 +185,8 @@ def store_blind_pair(store: Store, pair: DriftPair, params: Any, rng: random.Ran
     rows = [{"text": a.text, "token_ids": a.token_ids, "n_tokens": len(a.token_ids),
              "finish_reason": a.finish_reason, "policy_version": a.policy_version,
              "temperature": params.temperature, "top_p": params.top_p,
-             "max_new_tokens": params.max_new_tokens, "logprobs": a.logprobs} for a in answers]
+             "max_new_tokens": params.max_new_tokens, "logprobs": a.logprobs,
+             "best_of": a.best_of, "reward_version": a.reward_version} for a in answers]
     ids = store.add_completions(prompt_id, rows)
     return BlindPair(prompt_id, pair.prompt, ids, answers)
 
@@ -163,16 +204,51 @@ def label_blind_pair(store: Store, blind: BlindPair, winner: int | None, *, labe
 # --- win-rates and the reward beside them -------------------------------------------
 
 
+@dataclass(frozen=True)
+class Contender:
+    """What answers against the reference in the drift view: a policy version, or
+    best-of-N of the reference picked by a reward model (the baseline every trained
+    policy must beat)."""
+
+    version: int
+    best_of: int | None = None
+    reward_version: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.best_of:
+            return f"best-of-{self.best_of} (reward v{self.reward_version})"
+        return f"v{self.version}"
+
+
 @dataclass
 class VersionDrift:
-    """One policy version against the reference: human labels and reward score."""
+    """One contender against the reference: human labels, KL and reward score, and
+    what made it."""
 
     version: int
     wins: int = 0
     losses: int = 0
     ties: int = 0
     reward: float | None = None   # mean reward-model score of rollouts sampled from it
-    kl: float | None = None       # mean sequence KL of those rollouts
+    kl: float | None = None       # KL to the reference, nats per answer (see kl_source)
+    best_of: int | None = None
+    reward_version: int | None = None
+    method: str = ""              # 'ppo', 'rloo', 'dpo', 'best-of-n'; '' for the reference
+    settings: str = ""            # what made it, in a few words
+    kl_source: str = ""           # what ``kl`` was measured on
+
+    @property
+    def contender(self) -> Contender:
+        return Contender(self.version, self.best_of, self.reward_version)
+
+    @property
+    def name(self) -> str:
+        return self.contender.name
+
+    @property
+    def is_reference(self) -> bool:
+        return self.version == REFERENCE_VERSION and not self.best_of
 
     @property
     def labels(self) -> int:
@@ -183,22 +259,35 @@ class VersionDrift:
         """(wins + ties / 2) / labels: a tie counts half a win."""
         return (self.wins + 0.5 * self.ties) / self.labels if self.labels else None
 
+    def interval(self) -> tuple[float, float] | None:
+        """The win-rate's 95% Wilson interval (ties as half a win)."""
+        from rlhf.stats import wilson_interval
+
+        return wilson_interval(self.wins + 0.5 * self.ties, self.labels) if self.labels else None
+
     def as_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "wins": self.wins, "losses": self.losses, "ties": self.ties,
-                "labels": self.labels, "win_rate": self.win_rate, "reward": self.reward, "kl": self.kl}
+        return {"name": self.name, "version": self.version, "best_of": self.best_of,
+                "reward_version": self.reward_version, "method": self.method, "settings": self.settings,
+                "wins": self.wins, "losses": self.losses, "ties": self.ties, "labels": self.labels,
+                "win_rate": self.win_rate, "interval": self.interval(), "reward": self.reward, "kl": self.kl,
+                "kl_source": self.kl_source}
 
 
-def win_counts(store: Store) -> dict[int, VersionDrift]:
-    """Wins, losses and ties of each policy version against the reference, from
-    the blind drift labels. Labels of 'skip' kind count nothing."""
-    out: dict[int, VersionDrift] = {}
+def win_counts(store: Store) -> dict[Contender, VersionDrift]:
+    """Wins, losses and ties of each contender against the reference, from the
+    blind drift labels. Labels of 'skip' kind count nothing."""
+    out: dict[Contender, VersionDrift] = {}
     for cmp in store.comparisons(purpose=PURPOSE):
         completions = store.completions(cmp.completion_ids)
-        versions = [c.policy_version for c in completions]
-        if len(versions) != 2 or versions.count(REFERENCE_VERSION) != 1 or None in versions:
-            continue  # not a policy-vs-reference pair
-        policy_pos = 0 if versions[0] != REFERENCE_VERSION else 1
-        row = out.setdefault(versions[policy_pos], VersionDrift(versions[policy_pos]))
+        contenders = [Contender(c.policy_version, c.best_of, c.reward_version) if c.policy_version is not None
+                      else None for c in completions]
+        reference = Contender(REFERENCE_VERSION)
+        if len(contenders) != 2 or contenders.count(reference) != 1 or None in contenders:
+            continue  # not a contender-vs-reference pair
+        policy_pos = 0 if contenders[0] != reference else 1
+        c = contenders[policy_pos]
+        assert c is not None
+        row = out.setdefault(c, VersionDrift(c.version, best_of=c.best_of, reward_version=c.reward_version))
         if cmp.kind == "best" and cmp.choice:
             if cmp.choice[0] == policy_pos:
                 row.wins += 1
@@ -224,17 +313,51 @@ def reward_by_version(store: Store) -> dict[int, tuple[float, float]]:
     return out
 
 
+def made_by(meta: dict[str, Any]) -> tuple[str, str]:
+    """(method, settings in a few words) of a policy version, from its meta."""
+    config = meta.get("config") or {}
+    method = meta.get("method") or config.get("algorithm") or ""
+    parts = [f"β {config['beta']:g}"] if "beta" in config else []
+    if "learning_rate" in config:
+        parts.append(f"lr {config['learning_rate']:g}")
+    if meta.get("job_id") is not None:
+        step = "epoch" if method == "dpo" else "iteration"
+        parts.append(f"job {meta['job_id']} {step} {meta.get('iteration', '?')}")
+    return method, ", ".join(parts)
+
+
 def drift_table(store: Store) -> list[VersionDrift]:
-    """Every policy version (0 = reference included) with its labels and reward."""
+    """Every policy version (0 = reference included) with its labels, KL and
+    reward, then each best-of-N that has drift labels.
+
+    A version's KL is that of the rollouts sampled from it where a session
+    continued from it; else what its job measured on the version itself (DPO,
+    after each epoch); else the KL of the batch it was trained on (sampled from
+    its parent: one step short). Best-of-N's is its bound."""
     counts = win_counts(store)
     rewards = reward_by_version(store)
-    versions = sorted({REFERENCE_VERSION, *(cp.version for cp in store.checkpoints("policy")), *counts})
+    checkpoints = {cp.version: cp for cp in store.checkpoints("policy")}
+    versions = sorted({REFERENCE_VERSION, *checkpoints, *(c.version for c in counts if not c.best_of)})
     rows = []
     for v in versions:
-        row = counts.get(v, VersionDrift(v))
+        row = counts.get(Contender(v), VersionDrift(v))
+        meta = checkpoints[v].meta if v in checkpoints else {}
+        row.method, row.settings = made_by(meta)
+        if v == REFERENCE_VERSION:
+            row.kl, row.kl_source = 0.0, "the reference"
         if v in rewards:
             row.reward, row.kl = rewards[v]
+            row.kl_source = "rollouts sampled from it"
+        elif meta.get("kl") is not None:
+            row.kl = float(meta["kl"])
+            row.kl_source = ("answers sampled after its epoch" if meta.get("method") else
+                             "the batch it was trained on (sampled from its parent)")
         rows.append(row)
+    for contender, row in sorted(counts.items(), key=lambda item: (item[0].best_of or 0, item[0].reward_version or 0)):
+        if contender.best_of:
+            row.method, row.settings = "best-of-n", f"reward v{contender.reward_version} picks among the reference's"
+            row.kl, row.kl_source = best_of_n_kl_bound(contender.best_of), "the bound log N - (N-1)/N"
+            rows.append(row)
     return rows
 
 
@@ -245,7 +368,7 @@ def over_optimization(rows: Sequence[VersionDrift], margin: float = 0.1, min_lab
       liked best, yet wins less often against the reference (by > ``margin``);
     - a version the reward model ranks above the reference loses to it (< 0.5).
     Only versions with at least ``min_labels`` labels are judged."""
-    judged = [r for r in rows if r.version != REFERENCE_VERSION and r.labels >= min_labels]
+    judged = [r for r in rows if not r.best_of and not r.is_reference and r.labels >= min_labels]
     warnings: list[str] = []
     if not judged:
         return warnings
@@ -257,7 +380,7 @@ def over_optimization(rows: Sequence[VersionDrift], margin: float = 0.1, min_lab
                 f"over-optimization: reward rose from {best.reward:.2f} (v{best.version}) to {r.reward:.2f} "
                 f"(v{r.version}) while the human win-rate fell from {best.win_rate:.0%} to {r.win_rate:.0%}: "
                 f"go back to v{best.version}, raise beta, or label more and retrain the reward model")
-    ref_reward = next((r.reward for r in rows if r.version == REFERENCE_VERSION), None)
+    ref_reward = next((r.reward for r in rows if r.is_reference), None)
     for r in judged:
         if (r.win_rate is not None and r.win_rate < 0.5 and r.reward is not None and ref_reward is not None
                 and r.reward > ref_reward):

@@ -138,5 +138,11 @@ def _v2_to_v3(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX rollouts_job_iteration ON rollouts(job_id, iteration)")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v0_to_v1, _v1_to_v2, _v2_to_v3]
+def _v3_to_v4(db: sqlite_utils.Database) -> None:
+    """Best-of-N answers: sampled from a version, picked by a reward model among N."""
+    db.execute("ALTER TABLE completions ADD COLUMN best_of INTEGER")         # N; NULL for a plain sample
+    db.execute("ALTER TABLE completions ADD COLUMN reward_version INTEGER")  # the reward model that picked it
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v0_to_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -40,12 +40,15 @@ class Completion:
     policy_version: int | None
     token_ids: list[int] | None = None
     logprobs: list[float] | None = None
+    best_of: int | None = None          # picked by a reward model among this many samples of the version
+    reward_version: int | None = None   # that reward model
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Completion:
         return cls(id=row["id"], prompt_id=row["prompt_id"], text=row["text"], n_tokens=row["n_tokens"],
                    finish_reason=row["finish_reason"], policy_version=row["policy_version"],
-                   token_ids=_json(row["token_ids"]), logprobs=_json(row["logprobs"]))
+                   token_ids=_json(row["token_ids"]), logprobs=_json(row["logprobs"]),
+                   best_of=row.get("best_of"), reward_version=row.get("reward_version"))
 
 
 @dataclass(frozen=True)

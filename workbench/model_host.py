@@ -49,6 +49,7 @@ from workbench.messages import (
 )
 
 if TYPE_CHECKING:
+    from rlhf.drift import Contender
     from rlhf.reward_eval import LabeledPairScore
     from rlhf.reward_scoring import RewardScorer
 
@@ -358,21 +359,28 @@ class ModelHost:
 
     # -- drift: a policy version in its own adapter beside the sampled one
 
-    def drift_pair(self, requester: DOMNode, version: int, prompt: str, params: SamplingParams,
+    def drift_pair(self, requester: DOMNode, target: Contender, prompt: str, params: SamplingParams,
                    blind_rng: random.Random | None = None) -> Worker[None]:
-        """The reference and policy ``version`` answer ``prompt``; with
+        """The reference and ``target`` (a policy version, or best-of-N of the
+        reference by the latest reward model) answer ``prompt``; with
         ``blind_rng`` the pair is also stored for a blind label, in an order
         drawn from it. DriftAnswered goes to ``requester``."""
-        return _in_thread(requester, partial(self._drift_pair, requester, version, prompt, params, blind_rng),
+        return _in_thread(requester, partial(self._drift_pair, requester, target, prompt, params, blind_rng),
                           "drift-answer", exclusive=True)
 
-    def _drift_pair(self, requester: DOMNode, version: int, prompt: str, params: SamplingParams,
+    def _drift_pair(self, requester: DOMNode, target: Contender, prompt: str, params: SamplingParams,
                     blind_rng: random.Random | None) -> None:
-        from rlhf.drift import answer_pair, load_drift_version, store_blind_pair
+        from rlhf.drift import answer_best_of_pair, answer_pair, load_drift_version, store_blind_pair
 
         with self.lock:
-            if getattr(self.stack, "drift_version", None) != version:
-                load_drift_version(self.stack, self.store, version)
-            pair = answer_pair(self.stack, prompt, params)
+            if target.best_of:
+                scorer = self._scorer()
+                if scorer is None:
+                    raise UserError("best-of-N needs a reward model to pick the answer: train one first (F2)")
+                pair = answer_best_of_pair(self.stack, scorer, prompt, params, target.best_of)
+            else:
+                if getattr(self.stack, "drift_version", None) != target.version:
+                    load_drift_version(self.stack, self.store, target.version)
+                pair = answer_pair(self.stack, prompt, params)
         blind = store_blind_pair(self.store, pair, params, blind_rng) if blind_rng is not None else None
         requester.post_message(DriftAnswered(pair, blind))

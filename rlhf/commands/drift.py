@@ -39,15 +39,20 @@ def cmd_winrate(args: argparse.Namespace) -> int:
         print(json.dumps({"versions": [r.as_dict() for r in rows], "warnings": warnings,
                           "ties": "count half a win"}, indent=2))
         return 0
-    print(f"{'version':>7}  {'reward':>7}  {'kl':>6}  {'wins':>4}  {'losses':>6}  {'ties':>4}  {'win-rate':>8}")
+    print(f"{'contender':>21}  {'method':>9}  {'reward':>7}  {'kl':>6}  {'wins':>4}  {'losses':>6}  {'ties':>4}  "
+          f"{'win-rate':>8}  95% CI")
     for r in rows:
         reward = f"{r.reward:7.3f}" if r.reward is not None else f"{'-':>7}"
         kl = f"{r.kl:6.2f}" if r.kl is not None else f"{'-':>6}"
         rate = f"{r.win_rate:8.0%}" if r.win_rate is not None else f"{'-':>8}"
-        name = "ref 0" if r.version == 0 else str(r.version)
-        print(f"{name:>7}  {reward}  {kl}  {r.wins:>4}  {r.losses:>6}  {r.ties:>4}  {rate}")
-    print("win-rate = (wins + ties/2) / labels, from blind policy-vs-reference labels; reward = mean score of "
-          "the PPO rollouts sampled from that version")
+        interval = r.interval()
+        bounds = f"{interval[0]:.2f}-{interval[1]:.2f}" if interval else "-"
+        name = "reference v0" if r.is_reference else r.name
+        print(f"{name:>21}  {r.method or '-':>9}  {reward}  {kl}  {r.wins:>4}  {r.losses:>6}  {r.ties:>4}  {rate}  "
+              f"{bounds}")
+    print("win-rate = (wins + ties/2) / labels, from blind contender-vs-reference labels; reward = mean score of "
+          "the PPO rollouts sampled from that version; kl = nats per answer (rollouts sampled from the version, "
+          "else what its job measured; best-of-N: the bound)")
     for w in warnings:
         print(f"WARNING: {w}")
     return 0

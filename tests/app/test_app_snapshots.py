@@ -400,11 +400,26 @@ class TestDriftScreen:
         assert snap_compare(_app(store), terminal_size=WIDE, run_before=run_before)
 
     def test_versions_with_labels_and_an_over_optimization_warning(self, store, tmp_path, snap_compare):
-        """F4 with three policy versions and blind labels: win-rate and reward plots; v2's reward
-        rose while its win-rate fell, so the warning lines show. No answers (they need the model)."""
+        """F4 with three PPO versions, a DPO version and best-of-4, labeled blind: win-rate and reward
+        against KL by method, the table with v1 highlighted and named; v2's reward rose while its
+        win-rate fell, so the warning lines show. No answers (they need the model)."""
+        ppo = {"algorithm": "ppo", "beta": 0.05, "learning_rate": 1e-4}
         for parent, score, kl in ((0, 0.1, 0.0), (1, 0.5, 2.0), (2, 0.9, 5.0)):
             store.add_checkpoint("policy", tmp_path / f"policy-v{parent + 1}", parent_version=parent,
-                                 meta={"rollout_score": score, "kl": kl})
+                                 meta={"rollout_score": score, "kl": kl, "job_id": 1, "iteration": parent + 1,
+                                       "config": ppo})
+        store.add_checkpoint("policy", tmp_path / "policy-v4", parent_version=0,
+                             meta={"kl": 3.1, "job_id": 2, "iteration": 2, "method": "dpo", "config": {"beta": 0.1}})
+        for _ in range(3):
+            _drift_label(store, [4, 0], "best", [0])   # DPO's v4 wins three of four
+        _drift_label(store, [0, 4], "best", [0])
+        prompt_id = store.add_prompt("probe best-of", source=PROBE_SOURCE)
+        for winner in (0, 1, 0):                       # best-of-4 wins two of three
+            ids = store.add_completions(prompt_id, [
+                {"text": "best of four", "n_tokens": 1, "finish_reason": "eos", "policy_version": 0, "best_of": 4,
+                 "reward_version": 1},
+                {"text": "reference", "n_tokens": 1, "finish_reason": "eos", "policy_version": 0}])
+            record_label(store, prompt_id, ids, "best", [winner], purpose="drift")
         for _ in range(4):
             _drift_label(store, [1, 0], "best", [0])   # v1 wins four ...
         _drift_label(store, [0, 1], "best", [0])       # ... and loses one
@@ -416,7 +431,8 @@ class TestDriftScreen:
         async def run_before(pilot: Pilot) -> None:
             await _label_screen_ready(pilot)
             await _open(pilot, "f4", DriftScreen)
-            await wait_for(pilot, lambda: "policy v3 side by side" in _status(pilot, "#drift-status"))
+            await wait_for(pilot, lambda: "policy v4 side by side" in _status(pilot, "#drift-status")
+                           and "v1: ppo" in _status(pilot, "#drift-selected"))
             await _settle(pilot)
 
         assert snap_compare(_app(store), terminal_size=TALL, run_before=run_before)

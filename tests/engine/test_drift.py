@@ -3,6 +3,7 @@ win-rates that match the labels."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from conftest import add_completion, drift_label
 
-from rlhf.drift import (VersionDrift, answer_pair, drift_table, label_blind_pair, load_drift_version,
+from rlhf.drift import (Contender, VersionDrift, answer_pair, drift_table, label_blind_pair, load_drift_version,
                         over_optimization, probe_prompts, store_blind_pair, win_counts)
 from rlhf.errors import UserError
 from rlhf.preferences import record_label
@@ -33,11 +34,11 @@ def test_win_counts_match_the_labels(store):
     record_label(store, prompt_id, ids, "best", [0])
 
     counts = win_counts(store)
-    assert (counts[1].wins, counts[1].losses, counts[1].ties) == (2, 1, 1)
-    assert counts[1].win_rate == pytest.approx((2 + 0.5) / 4)   # a tie counts half
-    assert (counts[2].wins, counts[2].losses, counts[2].ties) == (0, 1, 1)
-    assert counts[2].win_rate == pytest.approx(0.25)
-    assert 0 not in counts
+    assert (counts[Contender(1)].wins, counts[Contender(1)].losses, counts[Contender(1)].ties) == (2, 1, 1)
+    assert counts[Contender(1)].win_rate == pytest.approx((2 + 0.5) / 4)   # a tie counts half
+    assert (counts[Contender(2)].wins, counts[Contender(2)].losses, counts[Contender(2)].ties) == (0, 1, 1)
+    assert counts[Contender(2)].win_rate == pytest.approx(0.25)
+    assert Contender(0) not in counts
 
 
 def test_drift_table_puts_each_versions_rollout_score_beside_its_labels(store, tmp_path):
@@ -105,7 +106,7 @@ def test_answer_pair_gives_every_token_a_log_ratio(tiny_dir, store, trained_vers
     policy_pos = shown.index(trained_version)
     label_blind_pair(store, blind, policy_pos, labeler="me")
     label_blind_pair(store, blind, None)
-    counts = win_counts(store)[trained_version]
+    counts = win_counts(store)[Contender(trained_version)]
     assert (counts.wins, counts.losses, counts.ties) == (1, 0, 1)
 
 
@@ -130,3 +131,64 @@ def test_cli_winrate_json_matches_the_labels(store, db_path, capsys):
     assert out["ties"] == "count half a win"
 
 
+
+
+class PlantedScorer:
+    """A reward model that likes answers by their planted score: here, the number of tokens."""
+
+    version = 7
+
+    def __init__(self):
+        self.seen = []
+
+    def score_ids(self, prompt_ids, completion_ids, finished):
+        self.seen = [list(c) for c in completion_ids]
+        return torch.tensor([float(len(c)) + 0.01 * i for i, c in enumerate(completion_ids)])
+
+
+def test_best_of_n_answers_with_the_reward_models_top_sample_and_its_bound(tiny_stack, store):
+    from rlhf.drift import answer_best_of_pair, best_of_n_kl_bound
+
+    scorer = PlantedScorer()
+    torch.manual_seed(0)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8)
+    pair = answer_best_of_pair(tiny_stack, scorer, "Name a colour.", params, 4)
+    assert len(scorer.seen) == 4
+    top = max(range(4), key=lambda i: len(scorer.seen[i]) + 0.01 * i)
+    assert pair.policy.token_ids == scorer.seen[top]
+    assert (pair.policy.best_of, pair.policy.reward_version, pair.policy.policy_version) == (4, 7, 0)
+    assert pair.reference.best_of is None and set(pair.policy.log_ratios) <= {0.0}
+    assert pair.kl == pytest.approx(best_of_n_kl_bound(4)) == pytest.approx(math.log(4) - 3 / 4)
+    with pytest.raises(UserError, match="reference itself"):
+        answer_best_of_pair(tiny_stack, scorer, "Name a colour.", params, 1)
+
+    # Stored blind and labeled: a contender of its own, beside the versions, at its bound.
+    blind = store_blind_pair(store, pair, params, random.Random(0))
+    best_at = [c.best_of for c in store.completions(blind.completion_ids)].index(4)
+    label_blind_pair(store, blind, best_at)
+    label_blind_pair(store, store_blind_pair(store, pair, params, random.Random(1)), None)
+    row = win_counts(store)[Contender(0, 4, 7)]
+    assert (row.wins, row.losses, row.ties, row.name) == (1, 0, 1, "best-of-4 (reward v7)")
+    [bon] = [r for r in drift_table(store) if r.best_of]
+    assert bon.method == "best-of-n" and bon.kl == pytest.approx(best_of_n_kl_bound(4)) and bon.win_rate == 0.75
+
+
+def test_every_version_of_every_method_gets_its_kl_method_and_interval(store, tmp_path):
+    ppo = {"algorithm": "ppo", "beta": 0.05, "learning_rate": 1e-4}
+    store.add_checkpoint("policy", tmp_path, parent_version=0, job_id=None,
+                         meta={"job_id": 2, "iteration": 1, "rollout_score": 0.0, "kl": 0.0, "config": ppo})
+    store.add_checkpoint("policy", tmp_path, parent_version=1,
+                         meta={"job_id": 2, "iteration": 2, "rollout_score": 0.4, "kl": 1.5, "config": ppo})
+    store.add_checkpoint("policy", tmp_path, parent_version=0,
+                         meta={"job_id": 3, "iteration": 1, "method": "dpo", "kl": 0.8, "config": {"beta": 0.1}})
+    for _ in range(3):
+        drift_label(store, [3, 0], "best", [0])
+    drift_label(store, [0, 3], "best", [0])
+    rows = {r.name: r for r in drift_table(store)}
+    assert (rows["v1"].method, rows["v1"].kl, rows["v1"].kl_source) == ("ppo", 1.5, "rollouts sampled from it")
+    assert rows["v1"].settings == "β 0.05, lr 0.0001, job 2 iteration 1"
+    assert rows["v2"].kl == 1.5 and rows["v2"].kl_source.startswith("the batch it was trained on")
+    assert (rows["v3"].method, rows["v3"].kl, rows["v3"].kl_source) == ("dpo", 0.8, "answers sampled after its epoch")
+    assert rows["v3"].win_rate == 0.75 and rows["v3"].labels == 4
+    low, high = rows["v3"].interval()
+    assert low < 0.75 < high and rows["v0"].kl == 0.0 and rows["v0"].interval() is None

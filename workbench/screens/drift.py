@@ -11,9 +11,18 @@ Blind: the same two answers in random order as A and B, with nothing saying
 which is which and no shading (the colours would tell); keys 1 / 2 / t record
 the pick (rlhf.drift, purpose 'drift'); the store knows which was which.
 
-Below, the human win-rate of each version over the reference beside the reward
-model's score for it; when the reward rises while the win-rate falls, a red
-line says so: that is over-optimization.
+Besides the trained versions, best-of-N of the reference (N samples, the one the
+latest reward model rates highest) answers and is labeled blind the same way:
+the baseline every trained policy must beat, at a KL of at most log N - (N-1)/N.
+
+Below, one chart for every contender of every method (PPO, RLOO, DPO,
+best-of-N): its human win-rate over the reference (with its 95% interval)
+against its KL to the reference, beside the reward model's score against KL (the
+frontier of Gao et al. 2022 with the human in place of the gold model). The
+table beside them lists the contenders; the highlighted row is marked on both
+charts and named with its method and settings above them, and enter picks it to
+answer the probes. When the reward rises while the win-rate falls, a red line
+says so: that is over-optimization.
 
 The answers come from the model host (workbench/model_host.py), which loads
 the chosen version into its own adapter and answers with a message; the store is
@@ -32,10 +41,11 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.widgets import Button, Label, Select, Static, Switch
+from textual.widgets import Button, DataTable, Label, Select, Static, Switch
 from textual.worker import Worker
 from textual_plotext import PlotextPlot
 
+from rlhf.drift import Contender
 from rlhf.sampling_params import SamplingParams
 from workbench.messages import DriftAnswered
 from workbench.screens.base import WorkbenchScreen
@@ -48,6 +58,31 @@ DEFAULT_PARAMS = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=48)
 # |log-ratio| at which the shading is full.
 FULL_SHADE = 2.0
 LEGEND = "shading: log π − log π_ref per token; green = the policy likes it more than the reference, red = less"
+# Best-of-N of the reference offered beside the trained versions (by the latest reward model).
+BEST_OF = (4, 16)
+# How each method's points look on the charts; the highlighted contender is drawn over them.
+MARKERS = {"ppo": "●", "rloo": "▲", "dpo": "■", "best-of-n": "◆"}
+HIGHLIGHT = "◉"
+TABLE_COLUMNS = ("contender", "method", "KL", "win-rate", "RM")
+
+
+def chart_groups(rows: list[VersionDrift], value: str) -> dict[str, list[VersionDrift]]:
+    """The contenders a chart draws, by method: those with a KL and ``value``
+    ('win_rate' or 'reward'); the reference is the origin, not a point."""
+    groups: dict[str, list[VersionDrift]] = {}
+    for row in rows:
+        if not row.is_reference and row.kl is not None and getattr(row, value) is not None:
+            groups.setdefault(row.method or "policy", []).append(row)
+    return groups
+
+
+def win_rate_text(row: VersionDrift, *, interval: bool = False) -> str:
+    """'0.75 (4)': the win-rate and its label count; with ``interval``, its 95% interval too."""
+    bounds = row.interval()
+    if bounds is None:
+        return "-"
+    text = f"{row.win_rate:.2f} ({row.labels})"
+    return text[:-1] + f" labels, 95% CI {bounds[0]:.2f}-{bounds[1]:.2f})" if interval else text
 
 
 def shade(log_ratio: float) -> Style:
@@ -81,8 +116,9 @@ class DriftScreen(WorkbenchScreen):
         """``params``: how the probes are answered (tests make them tiny)."""
         super().__init__()
         self.params = params or DEFAULT_PARAMS
-        self.version: int | None = None
-        self.versions: list[int] = []
+        self.target: Contender | None = None        # what answers the probes beside the reference
+        self.targets: list[Contender] = []
+        self.highlighted: Contender | None = None   # the table's row, marked on the charts
         self.blind = False
         self.probes: list[str] = []
         self.probe_index = -1
@@ -99,7 +135,7 @@ class DriftScreen(WorkbenchScreen):
     def compose_body(self) -> ComposeResult:
         yield Static("", id="drift-status", markup=False)
         with Horizontal(id="drift-controls"):
-            yield Label("policy version", classes="drift-label")
+            yield Label("answering", classes="drift-label")
             yield Select([], prompt="no trained version", id="drift-version")
             yield Label("blind", classes="drift-label")
             yield Switch(False, id="drift-blind")
@@ -109,13 +145,16 @@ class DriftScreen(WorkbenchScreen):
             yield Static("", id="drift-left", classes="drift-answer")
             yield Static("", id="drift-right", classes="drift-answer")
         yield Static("", id="drift-warning", markup=False)
+        yield Static("", id="drift-selected", markup=False)
         with Horizontal(id="drift-plots"):
             yield PlotextPlot(id="drift-winrate")
             yield PlotextPlot(id="drift-reward")
+            yield DataTable(id="drift-table", cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
         from rlhf.drift import probe_prompts
 
+        self.query_one("#drift-table", DataTable).add_columns(*TABLE_COLUMNS)
         self.probes = probe_prompts()
         self._show()  # the empty panels say which key fills them
         self._status()
@@ -130,61 +169,112 @@ class DriftScreen(WorkbenchScreen):
     def refresh_table(self) -> None:
         from rlhf.drift import drift_table, over_optimization
 
-        rows = drift_table(self.wb.store)
-        self.app.call_from_thread(self._apply_table, rows, over_optimization(rows))
+        store = self.wb.store
+        rows = drift_table(store)
+        reward = store.checkpoint("reward")
+        self.app.call_from_thread(self._apply_table, rows, over_optimization(rows),
+                                  reward.version if reward else None)
 
-    def _apply_table(self, rows: list[VersionDrift], warnings: list[str]) -> None:
+    def _apply_table(self, rows: list[VersionDrift], warnings: list[str], reward_version: int | None) -> None:
         self.rows, self.warnings = rows, warnings
-        versions = [r.version for r in rows if r.version != 0]
-        if versions != self.versions:
-            self.versions = versions
-            current = self.version if self.version in versions else (versions[-1] if versions else None)
+        targets = [Contender(r.version) for r in rows if not r.is_reference and not r.best_of]
+        if targets and reward_version is not None:  # best-of-N needs a reward model to pick
+            targets += [Contender(0, n, reward_version) for n in BEST_OF]
+        if targets != self.targets:
+            self.targets = targets
+            plain = [t for t in targets if not t.best_of]
+            current = self.target if self.target in targets else (plain[-1] if plain else None)
             select = self.query_one("#drift-version", Select)
-            select.set_options([(f"v{v}", v) for v in versions])
+            select.set_options([(t.name, t) for t in targets])
             if current is not None:
                 select.value = current
-            self.version = current
+            self.target = current
         self.query_one("#drift-warning", Static).update("\n".join(f"⚠ {w}" for w in warnings))
+        self._fill_table()
         self._draw()
         self._status()
 
+    def _fill_table(self) -> None:
+        table = self.query_one("#drift-table", DataTable)
+        shown = [r for r in self.rows if not r.is_reference]
+        keep = self.highlighted
+        table.clear()
+        for row in shown:
+            table.add_row(row.name, row.method or "-", "-" if row.kl is None else f"{row.kl:.2f}",
+                          win_rate_text(row), "-" if row.reward is None else f"{row.reward:.2f}",
+                          key=row.name)
+        names = [r.name for r in shown]
+        if keep is not None and keep.name in names:
+            table.move_cursor(row=names.index(keep.name))
+        self._describe()
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        row = self._row_named(event.row_key.value)
+        if row is not None and row.contender != self.highlighted:
+            self.highlighted = row.contender
+            self._describe()
+            self._draw()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        row = self._row_named(event.row_key.value)
+        if row is not None and row.contender in self.targets:
+            self.query_one("#drift-version", Select).value = row.contender
+
+    def _row_named(self, name: str | None) -> VersionDrift | None:
+        return next((r for r in self.rows if r.name == name), None)
+
+    def _describe(self) -> None:
+        """Name the highlighted contender: method, settings, and what its KL was measured on."""
+        row = next((r for r in self.rows if r.contender == self.highlighted), None)
+        text = ""
+        if row is not None:
+            parts = [row.method or "policy"] + ([row.settings] if row.settings else [])
+            if row.kl is not None:
+                parts.append(f"KL {row.kl:.2f} nats on {row.kl_source}")
+            parts.append("win-rate " + (win_rate_text(row, interval=True) if row.labels
+                                        else "not labeled yet: b, then n"))
+            text = f"{row.name}: " + " · ".join(parts)
+        self.query_one("#drift-selected", Static).update(text)
+
     def _draw(self) -> None:
-        labeled = [r for r in self.rows if r.version != 0 and r.win_rate is not None]
-        widget = self.query_one("#drift-winrate", PlotextPlot)
-        plt = widget.plt
-        plt.clear_data()
-        plt.title("human win-rate vs reference (tie = ½)")
-        plt.xlabel("policy version")
-        plt.ylim(0.0, 1.0)
-        if labeled:
-            xs = [r.version for r in labeled]
-            plt.plot(xs, [r.win_rate for r in labeled], marker="braille", label="win-rate")
-            plt.scatter(xs, [r.win_rate for r in labeled], marker="●")
-            plt.horizontal_line(0.5, color="gray")
-            plt.xticks(xs)
-        widget.refresh()
-        scored = [r for r in self.rows if r.reward is not None]
-        widget = self.query_one("#drift-reward", PlotextPlot)
-        plt = widget.plt
-        plt.clear_data()
-        plt.title("reward-model score (PPO rollouts)")
-        plt.xlabel("policy version")
-        if scored:
-            xs = [r.version for r in scored]
-            plt.plot(xs, [r.reward for r in scored], marker="braille")
-            plt.scatter(xs, [r.reward for r in scored], marker="●")
-            plt.xticks(xs)
-        widget.refresh()
+        """Win-rate against KL and reward score against KL, a series per method;
+        the reference at the origin of drift, the highlighted contender ringed."""
+        for plot_id, title, value in (("#drift-winrate", "human win-rate", "win_rate"),
+                                      ("#drift-reward", "RM score", "reward")):
+            widget = self.query_one(plot_id, PlotextPlot)
+            plt = widget.plt
+            plt.clear_data()
+            groups = chart_groups(self.rows, value)
+            key = " ".join(f"{MARKERS.get(m, '●')}{m}" for m in groups)  # a legend would cover points
+            plt.title(f"{title}  {key}" if key else title)
+            plt.xlabel("KL to the reference (nats/answer)")
+            reference = next((r for r in self.rows if r.is_reference), None)
+            if value == "win_rate":
+                plt.ylim(0.0, 1.0)
+                plt.horizontal_line(0.5, color="gray")
+                origin = 0.5 if groups else None  # a tie with itself
+            else:
+                origin = reference.reward if reference is not None else None
+            if origin is not None and groups:
+                plt.scatter([0.0], [origin], marker="○", color="gray")
+            for method, rows in groups.items():
+                plt.scatter([r.kl for r in rows], [getattr(r, value) for r in rows], marker=MARKERS.get(method, "●"))
+            picked = [r for rows in groups.values() for r in rows if r.contender == self.highlighted]
+            if picked:
+                plt.scatter([picked[0].kl], [getattr(picked[0], value)], marker=HIGHLIGHT, color="red")
+            widget.refresh()
 
     def _status(self) -> None:
         labeled = sum(r.labels for r in self.rows)
-        if not [r for r in self.rows if r.version != 0]:
+        if not [r for r in self.rows if not r.is_reference and not r.best_of]:
             text = "No trained policy yet: run a PPO session first. Probe prompts: sample_prompts/probes.txt."
         elif self.blind:
             text = (f"Blind: which answer is better? 1 = A, 2 = B, t = tie. Order is random; {labeled} drift "
                     "labels so far. n skips to the next probe.")
         else:
-            text = f"Reference (v0) and policy v{self.version} side by side. n: next probe; b: blind labeling. {LEGEND}"
+            target = self.target
+            name = "?" if target is None else target.name if target.best_of else f"policy {target.name}"
+            text = f"Reference (v0) and {name} side by side. n: next probe; b: blind labeling. {LEGEND}"
         if self.busy:
             text = "answering… " + text
         self.query_one("#drift-status", Static).update(text)
@@ -192,8 +282,9 @@ class DriftScreen(WorkbenchScreen):
     # -- answers (asked of the model host)
 
     def on_select_changed(self, event: Select.Changed) -> None:
-        if event.select.id == "drift-version" and isinstance(event.value, int):
-            self.version = event.value
+        if event.select.id == "drift-version" and isinstance(event.value, Contender):
+            self.target = event.value
+            self._status()
 
     def on_switch_changed(self, event: Switch.Changed) -> None:
         if event.switch.id == "drift-blind" and event.value != self.blind:
@@ -213,8 +304,8 @@ class DriftScreen(WorkbenchScreen):
     def action_next_probe(self) -> None:
         if self.busy:
             return
-        if self.version is None:
-            self.notify("no trained policy version to compare: run PPO first", severity="warning")
+        if self.target is None:
+            self.notify("no trained policy version to compare: run PPO or DPO first", severity="warning")
             return
         if self.wb.model_host.stack is None:
             self.notify("the model is still loading", severity="warning")
@@ -222,7 +313,7 @@ class DriftScreen(WorkbenchScreen):
         self.probe_index = (self.probe_index + 1) % len(self.probes)
         self.busy = True
         self._status()
-        self._answering = self.wb.model_host.drift_pair(self, self.version, self.probes[self.probe_index], self.params,
+        self._answering = self.wb.model_host.drift_pair(self, self.target, self.probes[self.probe_index], self.params,
                                                         blind_rng=self.rng if self.blind else None)
 
     def on_drift_answered(self, message: DriftAnswered) -> None:
@@ -264,7 +355,11 @@ class DriftScreen(WorkbenchScreen):
         left.update(shaded_text(pair.reference))
         right.update(shaded_text(pair.policy))
         left.border_title = f"reference (v0) · Σ log-ratio {pair.reference.log_ratio_sum:+.2f}"
-        right.border_title = f"policy v{pair.policy.policy_version} · KL ≈ {pair.kl:.2f} nats"
+        if pair.policy.best_of:
+            right.border_title = (f"best-of-{pair.policy.best_of} of the reference (reward v"
+                                  f"{pair.policy.reward_version}) · KL ≤ {pair.kl:.2f} nats")
+        else:
+            right.border_title = f"policy v{pair.policy.policy_version} · KL ≈ {pair.kl:.2f} nats"
 
     # -- blind labels
 
