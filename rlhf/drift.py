@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlhf.best_of import best_of_n_kl_bound, pick_best
 from rlhf.errors import UserError
 from rlhf.preferences import record_label
 from rlhf.store import PROBE_SOURCE, Store
@@ -77,11 +78,6 @@ class DriftPair:
         return self.policy.log_ratio_sum
 
 
-def best_of_n_kl_bound(n: int) -> float:
-    """KL(best-of-n || reference) <= log n - (n-1)/n nats (Beirami et al. 2024)."""
-    from rlhf.evaluation import best_of_n_kl_bound as bound
-
-    return bound(n)
 
 
 def load_drift_version(stack: Any, store: Store, version: int) -> None:
@@ -147,10 +143,7 @@ def answer_best_of_pair(stack: Any, scorer: Any, prompt: str, params: Any, n: in
         raise UserError(f"best-of-{n} is the reference itself: pick N of at least 2")
     prompt_ids = chat_prompt_ids(stack.tokenizer, prompt)
     samples = generate(stack, [prompt_ids] * (n + 1), params, role="base")
-    reference, candidates = samples[0], samples[1:]
-    scores = scorer.score_ids([prompt_ids] * n, [c.token_ids for c in candidates],
-                              [c.finish_reason == "eos" for c in candidates])
-    best = candidates[int(scores.argmax())]
+    reference, [best] = samples[0], pick_best(scorer, prompt_ids, samples[1:], n)
     reward_version = getattr(scorer, "version", None)
 
     def answer(sample: Any, best_of: int | None) -> DriftAnswer:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from rlhf.best_of import best_of_n_kl_bound, pick_best
 from rlhf.chat import chat_prompt_ids
 from rlhf.rules import Rule, pairwise_winrate
 from rlhf.sampling import SamplingParams, sample_k
@@ -128,12 +129,6 @@ def sequence_kls(stack: Any, prompt: str, samples: Sequence[Any], role: str, aga
     return [sum(p) - sum(r) for p, r in zip(under_policy, under_ref)]
 
 
-def best_of_n_kl_bound(n: int) -> float:
-    """KL(best-of-n || reference) <= log n - (n-1)/n nats (Beirami et al. 2024;
-    the value Stiennon et al. 2020 and Gao et al. 2022 use)."""
-    return math.log(n) - (n - 1) / n
-
-
 @torch.no_grad()
 def evaluate_best_of_n(stack: Any, scorer: Any, prompts: Sequence[str], rule: Rule, params: SamplingParams,
                        n: int, *, k: int = 4, role: str = "base", against: int = 0,
@@ -145,12 +140,8 @@ def evaluate_best_of_n(stack: Any, scorer: Any, prompts: Sequence[str], rule: Ru
         torch.manual_seed(params.seed)
     pools = sample_k(stack, prompts, k * n, params, role=role)
     theirs = sample_k(stack, prompts, k, params, role=role)
-    ours = []
-    for prompt, pool in zip(prompts, pools):
-        prompt_ids = chat_prompt_ids(stack.tokenizer, prompt)
-        scores = scorer.raw_ids([prompt_ids] * len(pool), [s.token_ids for s in pool]).tolist()
-        tops = [max(range(start, start + n), key=scores.__getitem__) for start in range(0, k * n, n)]
-        ours.append([pool[i] for i in tops])
+    ours = [pick_best(scorer, chat_prompt_ids(stack.tokenizer, prompt), pool, n)
+            for prompt, pool in zip(prompts, pools)]
     result = _judged(prompts, ours, theirs, rule, k=k, version=0, against=against, kl=best_of_n_kl_bound(n),
                      examples=examples)
     result.best_of, result.reward = n, getattr(scorer, "version", None)

@@ -36,13 +36,16 @@ class Sample:
     def n_tokens(self) -> int:
         return len(self.token_ids)
 
-    def as_row(self, params: SamplingParams, policy_version: int) -> dict[str, Any]:
-        """The columns of the store's ``completions`` table."""
+    def as_row(self, params: SamplingParams, policy_version: int, *, best_of: int | None = None,
+               reward_version: int | None = None) -> dict[str, Any]:
+        """The columns of the store's ``completions`` table (``best_of``: picked by
+        reward model ``reward_version`` among that many samples)."""
         return {
             "text": self.text, "token_ids": self.token_ids, "n_tokens": self.n_tokens,
             "finish_reason": self.finish_reason, "policy_version": policy_version,
             "temperature": params.temperature, "top_p": params.top_p,
             "max_new_tokens": params.max_new_tokens, "logprobs": self.logprobs,
+            "best_of": best_of, "reward_version": reward_version,
         }
 
 

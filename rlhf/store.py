@@ -115,17 +115,20 @@ class Store(Database):
         by_id = {r["id"]: Completion.from_row(r) for r in self._rows(f"SELECT * FROM completions WHERE id IN ({marks})", ids)}
         return [by_id[i] for i in ids]
 
-    def completions_for_prompt(self, prompt_id: int, policy_version: int | None = None) -> list[Completion]:
+    def completions_for_prompt(self, prompt_id: int, policy_version: int | None = None,
+                               best_of: int | None = None) -> list[Completion]:
+        """A prompt's completions, oldest first; with ``policy_version``, that
+        version's plain samples, or with ``best_of`` its best-of-N picks."""
         sql = "SELECT * FROM completions WHERE prompt_id = ?"
         params: list[Any] = [prompt_id]
         if policy_version is not None:
-            sql += " AND policy_version = ?"
-            params.append(policy_version)
+            sql += " AND policy_version = ? AND best_of IS ?"
+            params += [policy_version, best_of]
         return [Completion.from_row(r) for r in self._rows(sql + " ORDER BY id", params)]
 
     def pending_sets(self, k: int) -> list[tuple[int, list[Completion]]]:
         """Sampled completions no comparison has shown yet, as the sets a labeler
-        would be shown: per prompt and policy version, runs of consecutive ids (one
+        would be shown: per prompt and policy version (best-of-N picks apart), runs of consecutive ids (one
         sampling call stores its K in a row) cut into sets of ``k``; a shorter
         rest of at least two is a set too. Oldest first. The drift view's blind
         pairs (probe prompts) are not preference sets and never pend here."""
@@ -137,7 +140,7 @@ class Store(Database):
         run: list[Completion] = []
         for c in map(Completion.from_row, rows):
             if run and (c.prompt_id != run[-1].prompt_id or c.policy_version != run[-1].policy_version
-                        or c.id != run[-1].id + 1 or len(run) == k):
+                        or c.best_of != run[-1].best_of or c.id != run[-1].id + 1 or len(run) == k):
                 sets.append((run[0].prompt_id, run))
                 run = []
             run.append(c)

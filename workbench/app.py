@@ -24,6 +24,7 @@ from textual.binding import Binding
 from textual.reactive import reactive
 from textual.worker import Worker, WorkerState
 
+from rlhf.best_of import OFFERED
 from rlhf.consistency import REPEAT_EVERY
 from rlhf.errors import UserError
 from rlhf.prompts import load_sample_prompts
@@ -33,10 +34,10 @@ from workbench.commands import WorkbenchCommands
 from workbench.messages import AgreementMeasured, ModelFailed, ModelLoaded, ModelStatus, PolicySwitched
 from workbench.model_host import ModelHost, Sampler
 from workbench.screens.dialogs import ExportDialog, ExportRequest, ImportDialog, ImportRequest, VersionPicker
+from workbench.screens.dpo import DPOScreen
 from workbench.screens.drift import DriftScreen
 from workbench.screens.help import HelpScreen
 from workbench.screens.label import LabelScreen
-from workbench.screens.dpo import DPOScreen
 from workbench.screens.ppo import PPOScreen
 from workbench.screens.train import TrainScreen
 
@@ -75,6 +76,8 @@ class WorkbenchApp(App[None]):
     model_state: reactive[str] = reactive("none")
     model_status: reactive[str] = reactive("")
     policy_version: reactive[int] = reactive(0)
+    # N when each answer to label is the reward model's pick among N samples of the version (best-of-N).
+    best_of: reactive[int | None] = reactive(None)
     # How often the reward model agrees with the labeler, once one exists.
     agreement: reactive[str | None] = reactive(None)
     # Counts additions to the labeling queue made outside the label screen (an import).
@@ -153,9 +156,12 @@ class WorkbenchApp(App[None]):
         self.model_state = "failed"
 
     def on_policy_switched(self, message: PolicySwitched) -> None:
+        self.best_of = message.best_of
         self.policy_version = message.version
         if not message.quiet:
-            self.notify(f"sampling from policy v{message.version}" + (" (base)" if not message.version else ""))
+            source = f"policy v{message.version}" + (" (base)" if not message.version else "")
+            self.notify(f"sampling best-of-{message.best_of} of {source}, picked by the reward model"
+                        if message.best_of else f"sampling from {source}")
 
     def on_agreement_measured(self, message: AgreementMeasured) -> None:
         self.agreement = message.text
@@ -192,18 +198,21 @@ class WorkbenchApp(App[None]):
             self.push_screen(HelpScreen(self.k))
 
     def action_pick_version(self) -> None:
-        versions = [(0, "base model (adapters off)")]
+        versions: list[tuple[tuple[int, int | None], str]] = [((0, None), "v0  base model (adapters off)")]
         for c in self.store.checkpoints("policy"):
-            about = f"saved {c.created_at[:16].replace('T', ' ')}"
+            about = f"v{c.version}  saved {c.created_at[:16].replace('T', ' ')}"
             if c.job_id:
                 about += f" by job {c.job_id}"
-            versions.append((c.version, about))
+            versions.append(((c.version, None), about))
+        reward = self.store.checkpoint("reward")
+        if reward is not None:  # the baseline every trained version must beat
+            versions += [((0, n), f"best-of-{n} of the base, picked by reward v{reward.version}") for n in OFFERED]
 
-        def chosen(version: int | None) -> None:
-            if version is not None and version != self.policy_version:
-                self.model_host.switch_policy(self, version)
+        def chosen(choice: tuple[int, int | None] | None) -> None:
+            if choice is not None and choice != (self.policy_version, self.best_of):
+                self.model_host.switch_policy(self, *choice)
 
-        self.push_screen(VersionPicker(versions, self.policy_version), chosen)
+        self.push_screen(VersionPicker(versions, (self.policy_version, self.best_of)), chosen)
 
     def action_export(self) -> None:
         self.push_screen(ExportDialog(Path.cwd()), self._export)

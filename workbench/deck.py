@@ -9,7 +9,8 @@ be read, and tested, on their own:
   what comes next is a setting (``order``): as added, random, or uncertain
   first (prompts whose waiting set the reward ensemble is least sure of, from
   ``uncertainty``; the rest as added).
-- A prompt shows K completions of the current policy version. The latest K in
+- A prompt shows K completions of the current policy version (or, with
+  ``best_of``, K of its best-of-N picks). The latest K in
   the store are reused (a reopened workbench does not resample what it already
   sampled); otherwise the screen asks for new ones.
 - The display order is shuffled once per set, so that the position of a
@@ -35,6 +36,7 @@ class Deck:
         self._unlabeled: set[int] = set()
         self._sets: dict[int, list[Completion]] = {}  # prompt id -> completions in display order
         self.current_id: int | None = None
+        self.best_of: int | None = None  # N when the sets are best-of-N picks of the version
         self.order = "added"
         self.uncertainty: dict[int, float] = {}   # prompt id -> the ensemble's doubt about its waiting set
         self._random_key: dict[int, float] = {}   # the 'random' order, drawn once per prompt
@@ -117,7 +119,8 @@ class Deck:
         """Sampled sets of this policy version not labeled yet, on unlabeled prompts:
         what the reward ensemble can be asked about."""
         return [(pid, shown) for pid, shown in self.store.pending_sets(self.k)
-                if pid in self._unlabeled and shown[0].policy_version == policy_version]
+                if pid in self._unlabeled and shown[0].policy_version == policy_version
+                and shown[0].best_of == self.best_of]
 
     # -- completion sets
 
@@ -126,16 +129,16 @@ class Deck:
         store has fewer than K of this policy version (sample first)."""
         if prompt_id in self._sets:
             return self._sets[prompt_id]
-        stored = self.store.completions_for_prompt(prompt_id, policy_version)
+        stored = self.store.completions_for_prompt(prompt_id, policy_version, self.best_of)
         if len(stored) < self.k:
             return None
         return self._shuffled(prompt_id, stored[-self.k:])
 
     def set_sampled(self, prompt_id: int, completion_ids: list[int], policy_version: int) -> list[Completion] | None:
         """New completions of a prompt, shuffled for display; None when they come
-        from another policy version (sampled just before a version switch)."""
+        from another policy version or best-of-N (sampled just before a switch)."""
         completions = self.store.completions(completion_ids)
-        if any(c.policy_version != policy_version for c in completions):
+        if any(c.policy_version != policy_version or c.best_of != self.best_of for c in completions):
             return None
         return self._shuffled(prompt_id, completions)
 

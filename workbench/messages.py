@@ -50,10 +50,11 @@ class PolicySwitched(Message):
     announce (no model yet, the version loads with it; or the switch failed and
     the failure says so)."""
 
-    def __init__(self, version: int, quiet: bool = False) -> None:
+    def __init__(self, version: int, quiet: bool = False, best_of: int | None = None) -> None:
         super().__init__()
         self.version = version
         self.quiet = quiet
+        self.best_of = best_of  # each answer the reward model's pick among this many of the version
 
 
 # -- sampling (handled by the labeling screen)

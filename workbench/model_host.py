@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from textual.dom import DOMNode
 from textual.worker import NoActiveWorker, Worker, WorkerCancelled, get_current_worker
 
+from rlhf.best_of import pick_best
 from rlhf.errors import UserError
 from rlhf.model_options import ModelOptions
 from rlhf.rows import Completion
@@ -111,6 +112,7 @@ class ModelHost:
             policy_version = versions[-1] if versions else 0
         # Before the model has loaded: the version it loads with.
         self.policy_version = stack.policy_version if stack is not None else policy_version
+        self.best_of: int | None = None  # N: each answer the reward model's pick among N samples
         self.sampler = sampler if sampler is not None or stack is None else self._stack_sampler(stack)
         # The reward model: the loaded version, and scores per completion id for it.
         self.scorer: RewardScorer | None = None
@@ -144,14 +146,15 @@ class ModelHost:
         ModelLoaded or ModelFailed, go to ``requester``."""
         return _in_thread(requester, partial(self._load, requester), "model", exclusive=True)
 
-    def switch_policy(self, requester: DOMNode, version: int) -> None:
+    def switch_policy(self, requester: DOMNode, version: int, best_of: int | None = None) -> None:
         """Sample from another policy version from now on (0 = the base model);
-        PolicySwitched goes to ``requester``."""
+        with ``best_of`` N, each answer is the latest reward model's pick among N
+        of its samples (rlhf.best_of). PolicySwitched goes to ``requester``."""
         if not self.ready:
-            self.policy_version = version  # loaded with the model
-            requester.post_message(PolicySwitched(version, quiet=True))
+            self.policy_version, self.best_of = version, best_of  # loaded with the model
+            requester.post_message(PolicySwitched(version, quiet=True, best_of=best_of))
             return
-        _in_thread(requester, partial(self._switch_policy, requester, version), "policy", exclusive=True)
+        _in_thread(requester, partial(self._switch_policy, requester, version, best_of), "policy", exclusive=True)
 
     def _stack_sampler(self, stack: Any) -> Sampler:
         from rlhf.sampling import sample_k
@@ -198,7 +201,7 @@ class ModelHost:
         assert checkpoint is not None
         stack.load_policy(checkpoint.path, version)
 
-    def _switch_policy(self, requester: DOMNode, version: int) -> None:
+    def _switch_policy(self, requester: DOMNode, version: int, best_of: int | None) -> None:
         with self.lock:
             try:
                 if self.stack is not None:
@@ -207,11 +210,11 @@ class ModelHost:
                 # Half-loaded adapters must not be sampled: back to the base, then report.
                 if self.stack is not None:
                     self.stack.reset_policy()
-                self.policy_version = 0
+                self.policy_version, self.best_of = 0, None
                 requester.post_message(PolicySwitched(0, quiet=True))
                 raise UserError(f"policy v{version} not loaded ({e}); sampling from the base model") from e
-            self.policy_version = version
-        requester.post_message(PolicySwitched(version))
+            self.policy_version, self.best_of = version, best_of
+        requester.post_message(PolicySwitched(version, best_of=best_of))
 
     # -- sampling
 
@@ -247,11 +250,20 @@ class ModelHost:
                 return None
             if self.sampling_params is None:
                 self.sampling_params = SamplingParams()
-            version = self.policy_version
-            samples = self.sampler([text], self.k)[0]
+            version, best_of, reward_version = self.policy_version, self.best_of, None
+            if best_of:
+                scorer = self._scorer()
+                if scorer is None:
+                    raise UserError(f"best-of-{best_of} needs a reward model to pick the answers: train one (F2) "
+                                    "or choose a policy version (v)")
+                pool = self.sampler([text], self.k * best_of)[0]
+                samples, reward_version = pick_best(scorer, pool[0].prompt_ids, pool, best_of), self.reward_version
+            else:
+                samples = self.sampler([text], self.k)[0]
         if _worker_cancelled():
             raise WorkerCancelled()  # cut short: never store a partial set
-        return self.store.add_completions(prompt_id, [s.as_row(self.sampling_params, version) for s in samples])
+        return self.store.add_completions(prompt_id, [s.as_row(self.sampling_params, version, best_of=best_of,
+                                                                reward_version=reward_version) for s in samples])
 
     # -- the reward model
 

@@ -493,6 +493,38 @@ async def test_policy_versions_load_on_the_model_and_back_to_base(store, tiny_st
         assert tiny_stack.policy_version == 0 and not tiny_stack.reference_is_copy and lora_b_sum() == 0
 
 
+async def test_best_of_n_of_the_base_is_labeled_like_a_version(store, tiny_stack, tmp_path):
+    """v offers best-of-4 and best-of-16 of the base once a reward model exists; chosen, each answer
+    shown is the reward model's pick among 4 samples, stored as such, and labeled like any set."""
+    tiny_stack.ensure_adapter("reward")
+    tiny_stack.save_adapter("reward", tmp_path / "r1", {})
+    store.add_checkpoint("reward", tmp_path / "r1", meta={"readout": {"layer": 1, "pool": "mean"}})
+    store.add_prompts(["Say hi.", "Count to three."])
+    app = WorkbenchApp(store, k=2, labeler="tester", stack=tiny_stack, policy_version=0,
+                       sampling_params=SamplingParams(max_new_tokens=4))
+    async with app.run_test() as pilot:
+        screen = label_screen(app)
+        await wait_for(pilot, lambda: len(screen.shown) == 2, timeout=60)
+        await pilot.press("v")
+        await pilot.pause(0.1)
+        await pilot.press("down", "enter")   # v0, then best-of-4
+        await wait_for(pilot, lambda: app.best_of == 4, timeout=60)
+        await wait_for(pilot, lambda: len(screen.shown) == 2 and {c.best_of for c in screen.shown} == {4},
+                       timeout=60)
+        assert {(c.policy_version, c.reward_version) for c in screen.shown} == {(0, 1)}
+        assert "best-of-4 of v0" in str(screen.query_one("#status").render())
+        await pilot.press("1")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 1)
+        shown = store.completions(store.comparisons()[0].completion_ids)
+        assert {c.best_of for c in shown} == {4}
+        await pilot.press("v")
+        await pilot.pause(0.1)
+        await pilot.press("up", "enter")     # back to the base's plain samples
+        await wait_for(pilot, lambda: app.best_of is None, timeout=60)
+        await wait_for(pilot, lambda: len(screen.shown) == 2 and {c.best_of for c in screen.shown} == {None},
+                       timeout=60)
+
+
 # --- the command line ------------------------------------------------------------------
 
 

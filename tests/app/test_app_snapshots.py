@@ -175,11 +175,13 @@ class TestLabelDialogs:
         assert snap_compare(_app(store), terminal_size=WIDE, run_before=run_before)
 
     def test_version_picker_lists_the_policy_versions(self, store, tmp_path, snap_compare):
-        """v: base model and two trained versions, the latest (sampled from) marked."""
+        """v: base model, two trained versions (the latest, sampled from, marked) and, with a reward
+        model, best-of-4 and best-of-16 of the base."""
         job_id = store.create_job("ppo", {})
         store.update_job(job_id, status="done")
         store.add_checkpoint("policy", tmp_path / "policy-v1", parent_version=0)
         store.add_checkpoint("policy", tmp_path / "policy-v2", parent_version=1, job_id=job_id)
+        store.add_checkpoint("reward", tmp_path / "reward-v1")
         _fix_times(store, "checkpoints")
 
         async def run_before(pilot: Pilot) -> None:

@@ -141,13 +141,14 @@ class PlantedScorer:
     def __init__(self):
         self.seen = []
 
-    def score_ids(self, prompt_ids, completion_ids, finished):
+    def raw_ids(self, prompt_ids, completion_ids):
         self.seen = [list(c) for c in completion_ids]
         return torch.tensor([float(len(c)) + 0.01 * i for i, c in enumerate(completion_ids)])
 
 
 def test_best_of_n_answers_with_the_reward_models_top_sample_and_its_bound(tiny_stack, store):
-    from rlhf.drift import answer_best_of_pair, best_of_n_kl_bound
+    from rlhf.best_of import best_of_n_kl_bound
+    from rlhf.drift import answer_best_of_pair
 
     scorer = PlantedScorer()
     torch.manual_seed(0)

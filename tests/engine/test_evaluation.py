@@ -97,7 +97,8 @@ class RuleAsReward:
 def test_best_of_n_answers_with_the_reward_models_favourite_and_reports_the_bound(tiny_stack):
     import math
 
-    from rlhf.evaluation import best_of_n_kl_bound, evaluate_best_of_n
+    from rlhf.best_of import best_of_n_kl_bound
+    from rlhf.evaluation import evaluate_best_of_n
     from rlhf.rules import parse_rule
     from rlhf.sampling import SamplingParams
 

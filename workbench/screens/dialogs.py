@@ -178,31 +178,36 @@ class ImportDialog(ModalScreen[ImportRequest | None]):
         self.dismiss(None)
 
 
-class VersionPicker(ModalScreen[int | None]):
-    """Choose the policy version to sample from: 0 is the base model."""
+# What the labeling queue samples from: (policy version, best-of-N or None); 0 is the base model.
+Source = tuple[int, "int | None"]
+
+
+class VersionPicker(ModalScreen["Source | None"]):
+    """Choose what to sample from: a policy version (0 is the base model), or
+    best-of-N of the base picked by the reward model."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, versions: list[tuple[int, str]], current: int) -> None:
+    def __init__(self, versions: list[tuple[Source, str]], current: Source) -> None:
         super().__init__()
         self.versions = versions
         self.current = current
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="version-picker"):
-            yield Label("Sample from policy version", classes="dialog-title")
-            yield OptionList(*[Option(f"{'● ' if v == self.current else '  '}v{v}  {about}", id=str(v))
-                               for v, about in self.versions], id="versions")
+            yield Label("Sample from", classes="dialog-title")
+            yield OptionList(*[Option(f"{'● ' if source == self.current else '  '}{about}", id=str(i))
+                               for i, (source, about) in enumerate(self.versions)], id="versions")
             yield Label("enter: choose · escape: cancel", classes="dialog-hint")
 
     def on_mount(self) -> None:
         options = self.query_one(OptionList)
-        options.highlighted = next((i for i, (v, _) in enumerate(self.versions) if v == self.current), 0)
+        options.highlighted = next((i for i, (s, _) in enumerate(self.versions) if s == self.current), 0)
         options.focus()
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         assert event.option.id is not None
-        self.dismiss(int(event.option.id))
+        self.dismiss(self.versions[int(event.option.id)][0])
 
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -45,6 +45,7 @@ from textual.widgets import Button, DataTable, Label, Select, Static, Switch
 from textual.worker import Worker
 from textual_plotext import PlotextPlot
 
+from rlhf.best_of import OFFERED
 from rlhf.drift import Contender
 from rlhf.sampling_params import SamplingParams
 from workbench.messages import DriftAnswered
@@ -58,8 +59,6 @@ DEFAULT_PARAMS = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=48)
 # |log-ratio| at which the shading is full.
 FULL_SHADE = 2.0
 LEGEND = "shading: log π − log π_ref per token; green = the policy likes it more than the reference, red = less"
-# Best-of-N of the reference offered beside the trained versions (by the latest reward model).
-BEST_OF = (4, 16)
 # How each method's points look on the charts; the highlighted contender is drawn over them.
 MARKERS = {"ppo": "●", "rloo": "▲", "dpo": "■", "best-of-n": "◆"}
 HIGHLIGHT = "◉"
@@ -179,7 +178,7 @@ class DriftScreen(WorkbenchScreen):
         self.rows, self.warnings = rows, warnings
         targets = [Contender(r.version) for r in rows if not r.is_reference and not r.best_of]
         if targets and reward_version is not None:  # best-of-N needs a reward model to pick
-            targets += [Contender(0, n, reward_version) for n in BEST_OF]
+            targets += [Contender(0, n, reward_version) for n in OFFERED]
         if targets != self.targets:
             self.targets = targets
             plain = [t for t in targets if not t.best_of]

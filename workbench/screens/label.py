@@ -87,10 +87,12 @@ class LabelScreen(LabelKeys, LabelSampling):
 
     def on_mount(self) -> None:
         self.deck = Deck(self.wb.store, self.wb.k, rng=self.wb.rng)
+        self.deck.best_of = self.wb.best_of
         self._fill_list()
         self.watch(self.app, "model_state", self._model_state_changed, init=False)
         self.watch(self.app, "model_status", self._model_status_changed, init=False)
         self.watch(self.app, "policy_version", self._policy_changed, init=False)
+        self.watch(self.app, "best_of", self._policy_changed, init=False)
         self.watch(self.app, "agreement", self.set_agreement)
         self.watch(self.app, "prompts_added", self._prompts_added, init=False)
         self._show_model_state(self.wb.model_state)
@@ -133,8 +135,9 @@ class LabelScreen(LabelKeys, LabelSampling):
         if self.wb.model_state == "loading":
             self.query_one("#model-activity", Activity).update_text(f"loading the model: {text}")
 
-    def _policy_changed(self, version: int) -> None:
+    def _policy_changed(self, _value: int | None) -> None:
         assert self.deck is not None
+        self.deck.best_of = self.wb.best_of
         self.deck.forget()  # sets of the old version must not be labeled as the new one
         self._status()
         self.show_current()
@@ -202,6 +205,7 @@ class LabelScreen(LabelKeys, LabelSampling):
         status.total = len(deck.prompt_ids)
         status.pairs = self.wb.store.stats()["pairs_labeled"]
         status.policy_version = self.wb.policy_version
+        status.best_of = self.wb.best_of
         if self.ranking_mode:
             order = " > ".join(str(p + 1) for p in self.ranking) or "press numbers best first"
             status.mode = f"ranking: {order}"

@@ -37,7 +37,8 @@ class LabelSampling(WorkbenchScreen):
         if self.wb.can_sample:
             self._request_samples(pid)
             self.query_one("#sample-activity", Activity).start(
-                f"sampling {self.wb.k} completions of prompt {pid} from policy v{self.wb.policy_version}")
+                f"sampling {self.wb.k} completions of prompt {pid} from "
+                + (f"best-of-{self.wb.best_of} of " if self.wb.best_of else "") + f"policy v{self.wb.policy_version}")
         elif self.wb.model_state == "failed":
             note.update("No completions: the model did not load (see above).")
             note.display = True

@@ -13,6 +13,7 @@ class StatusLine(Static):
     total: reactive[int] = reactive(0)
     pairs: reactive[int] = reactive(0)
     policy_version: reactive[int] = reactive(0)
+    best_of: reactive[int | None] = reactive(None)
     # Filled by the reward model once one exists: "71% of 120 labels", say.
     agreement: reactive[str | None] = reactive(None)
     # The labeler against their earlier self on repeated comparisons (rlhf.consistency), once there are some.
@@ -27,8 +28,8 @@ class StatusLine(Static):
             ("labeled ", "dim"), (f"{self.labeled}/{self.total}", "bold"), sep,
             ("remaining ", "dim"), (f"{self.total - self.labeled}", "bold"), sep,
             ("pairs ", "dim"), (f"{self.pairs}", "bold"), sep,
-            ("policy ", "dim"), (f"v{self.policy_version}" + (" (base)" if self.policy_version == 0 else ""),
-                                 "bold"), sep,
+            ("policy ", "dim"), ((f"best-of-{self.best_of} of " if self.best_of else "") + f"v{self.policy_version}"
+                                 + (" (base)" if self.policy_version == 0 else ""), "bold"), sep,
             ("RM agrees ", "dim"), (self.agreement or "—", "bold" if self.agreement else "dim"), sep,
             *([("you agree with you ", "dim"), (self.self_agreement, "bold"), sep] if self.self_agreement != "—"
               else []),
