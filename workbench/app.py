@@ -24,7 +24,7 @@ from textual.binding import Binding
 from textual.reactive import reactive
 from textual.worker import Worker, WorkerState
 
-from rlhf.best_of import OFFERED
+from rlhf.best_of import OFFERED, best_of_n_kl_bound
 from rlhf.consistency import REPEAT_EVERY
 from rlhf.errors import UserError
 from rlhf.prompts import load_sample_prompts
@@ -206,7 +206,8 @@ class WorkbenchApp(App[None]):
             versions.append(((c.version, None), about))
         reward = self.store.checkpoint("reward")
         if reward is not None:  # the baseline every trained version must beat
-            versions += [((0, n), f"best-of-{n} of the base, picked by reward v{reward.version}") for n in OFFERED]
+            versions += [((0, n), f"best-of-{n} of the base, picked by reward v{reward.version} "
+                                  f"(KL ≤ {best_of_n_kl_bound(n):.2f} nats)") for n in OFFERED]
 
         def chosen(choice: tuple[int, int | None] | None) -> None:
             if choice is not None and choice != (self.policy_version, self.best_of):
