@@ -127,7 +127,9 @@ def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
                   "--algorithm", algorithm, *shlex.split(args.ppo_args))
         with Store(db) as store:
             job = store.jobs("dpo" if algorithm == "dpo" else "ppo")[-1]
-            version, series = store.checkpoint("policy").version, store.metrics(job.id)
+            latest, series = store.checkpoint("policy"), store.metrics(job.id)
+        # A session ended by --kl-budget marks the version that drifted past it: judge its parent.
+        version = latest.parent_version if latest.meta.get("over_kl_budget") else latest.version
         limit = ["--limit", str(args.eval_prompts)] if args.eval_prompts else []
         out = stage("eval", "eval-policy", "--rule", rule, "--version", str(version), "--k", str(args.k),
                     "--json", *limit, *shlex.split(args.sample_args))

@@ -26,7 +26,7 @@ from rlhf.errors import UserError
 from rlhf.model_stack import ModelStack
 from rlhf.ppo_config import PPOConfig, PPOJob
 from rlhf.ppo_rollout import Rollout, RuleScorer, Scorer, rule_scorer
-from rlhf.ppo_session import NORMALIZATION_KEYS, PPOSession
+from rlhf.ppo_session import NORMALIZATION_KEYS, KLBudgetSpent, PPOSession
 from rlhf.rows import Checkpoint
 from rlhf.sampling_params import DEFINITION_KEYS
 
@@ -223,6 +223,14 @@ def run_job(ctx: Any) -> None:
             iteration = start.iteration + done + 1
             sampled_by = None if pending else version  # the policy as saved, or ahead of every saved version
             metrics, batch = session.iteration(iteration)
+        except KLBudgetSpent as spent:
+            if pending and batch is not None:
+                version = save_checkpoint(ctx, session, batch, start.iteration + done, version,
+                                          start.reference_version, last_metrics, reward)
+            ctx.log(iteration, spent.metrics)
+            ctx.store.add_rollouts(ctx.job_id, iteration, version, spent.batch.rows())
+            end_past_budget(ctx, spent, version, start.policy_version, iteration)
+            break
         except BaseException:
             # A stop, or an update that diverged (and was undone), keeps the
             # iterations trained before it.
@@ -242,6 +250,19 @@ def run_job(ctx: Any) -> None:
             pending = False
         if finished:
             break
+
+
+def end_past_budget(ctx: Any, spent: KLBudgetSpent, version: int, start_version: int, iteration: int) -> None:
+    """The batch of ``iteration``, sampled by ``version``, passed the KL budget:
+    mark that version (when this session made it) and say which is the last within."""
+    if version == start_version:
+        print(f"iteration {iteration}: {spent} already at the start (v{version}): nothing trained", flush=True)
+        return
+    checkpoint = ctx.store.checkpoint("policy", version)
+    ctx.store.update_checkpoint_meta("policy", version, {**checkpoint.meta, "own_kl": spent.kl,
+                                                         "over_kl_budget": spent.budget})
+    print(f"iteration {iteration}: {spent} (sampled by v{version}): the session ends; v{checkpoint.parent_version} "
+          "is the last version within it", flush=True)
 
 
 def save_checkpoint(ctx: Any, session: PPOSession, batch: Rollout, iteration: int, parent: int,

@@ -113,6 +113,12 @@ class PPOConfig:
                                             "controller)")
     target_kl: float = setting(6.0, help="target KL in nats per sequence")  # lm-human-preferences
     kl_horizon: int = setting(10_000, help="the KL controller's horizon in episodes")  # lm-human-preferences
+    # What a researcher watching the KL plot does by hand: stop where the drift is
+    # more than they accept. The batch that passes it was sampled by the latest
+    # version, so that version is past the budget and its parent is the last within.
+    kl_budget: float | None = setting(None, help="end the session when a batch's KL to the reference passes this "
+                                                 "many nats per answer, before training on it; the version that "
+                                                 "sampled it is marked past the budget (default: no budget)")
     # -- safety: a ratio this far from 1 means the update blew up
     max_ratio: float = setting(10.0, help="fail the session when a policy ratio strays this far from 1")
     seed: int | None = setting(0, help="random seed")
@@ -121,6 +127,8 @@ class PPOConfig:
         if (self.batch_size < 2 or self.mini_batch_size < 1 or self.mini_batch_size > self.batch_size
                 or self.forward_batch_size < 1):
             raise UserError("batch size must be at least 2 and the minibatch between 1 and the batch size")
+        if self.kl_budget is not None and self.kl_budget <= 0:
+            raise UserError(f"--kl-budget {self.kl_budget:g} must be positive: nats per answer, e.g. 10")
         if self.epochs < 1 or self.max_new_tokens < 1:
             raise UserError("epochs and max new tokens must be at least 1")
         if self.temperature <= 0 or self.beta < 0 or self.learning_rate <= 0:

@@ -75,6 +75,15 @@ class PPODiverged(UserError):
     """The update produced a NaN or an exploding ratio; nothing of it is saved."""
 
 
+class KLBudgetSpent(Exception):
+    """A batch's KL passed the session's --kl-budget: the session ends before
+    training on it. Carries the batch and what it measured."""
+
+    def __init__(self, kl: float, budget: float, metrics: dict[str, float], batch: Rollout) -> None:
+        super().__init__(f"the batch's KL {kl:.2f} passed the budget of {budget:g} nats")
+        self.kl, self.budget, self.metrics, self.batch = kl, budget, metrics, batch
+
+
 class PPOSession:
     """PPO state across iterations: the optimizer, beta, and where the prompts are."""
 
@@ -288,7 +297,10 @@ class PPOSession:
             raise PPODiverged(f"PPO stopped at iteration {iteration}: the reward gave a non-finite score; "
                               "nothing of this iteration was saved: check the reward model")
         beta = self.beta
-        self.advantages(batch)
+        self.advantages(batch)  # also the batch's KL
+        budget = self.config.kl_budget
+        if budget is not None and float(batch.kl.sum(1).mean()) > budget:
+            raise KLBudgetSpent(float(batch.kl.sum(1).mean()), budget, self.batch_metrics(batch, beta), batch)
         before = self._snapshot()
         clock = time.monotonic()
         try:

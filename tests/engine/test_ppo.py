@@ -653,3 +653,20 @@ def test_the_researcher_is_warned_when_the_penalty_drowns_the_labels():
     assert penalty_warning({"val/penalized_fraction": 0.0}) is None
     assert penalty_warning({}) is None
     assert "80% of the batch never emitted EOS" in penalty_warning({"val/penalized_fraction": 0.8})
+
+
+def test_a_kl_budget_ends_the_session_and_marks_the_version_past_it(store, db_path, tiny_dir, capsys):
+    """The first batch is the reference's own (KL 0); the next, sampled by v1 after one update,
+    passes a budget of 1e-6 nats: the session ends there, done, with v1 marked and its batch kept."""
+    store.add_prompts(PROMPTS)
+    job = run_in_process(store, db_path, job_config(tiny_dir, ppo={"kl_budget": 1e-6, "learning_rate": 1e-3},
+                                                    iterations=5))
+    assert job.status == "done", job.error
+    [v1] = store.checkpoints("policy")
+    assert v1.meta["over_kl_budget"] == 1e-6 and v1.meta["own_kl"] > 1e-6 and v1.parent_version == 0
+    kl = dict(store.metrics(job.id)["objective/kl"])
+    assert sorted(kl) == [1, 2] and kl[1] == pytest.approx(0.0, abs=1e-5)
+    assert kl[2] == pytest.approx(v1.meta["own_kl"])
+    assert [r.policy_version for r in store.rollouts(job.id, 2)] == [1] * 4  # what passed it, kept
+    assert "passed the budget of 1e-06 nats (sampled by v1): the session ends; v0 is the last version within it" \
+        in capsys.readouterr().out
