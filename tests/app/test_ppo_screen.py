@@ -80,3 +80,28 @@ async def test_the_rollouts_of_every_iteration_are_browsed_and_sorted(store, tmp
         await pilot.press("right_square_bracket")
         await wait_for(pilot, lambda: "iteration 10 (the latest)" in title())
         assert table.row_count == 5
+
+
+async def test_a_kl_budget_chosen_on_screen_reaches_the_session_and_its_end_is_told(store, tiny_stack):
+    """KL ≤ 10 goes into the session's settings; a session the budget ended says which version
+    passed it and which is the last within it, in the status line and the notice."""
+    ppo_job = {"reward": "rule:distinct", "iterations": 1,
+               "ppo": {"batch_size": 4, "mini_batch_size": 2, "epochs": 1, "max_new_tokens": 4}}
+    app = make_app(store, stack=tiny_stack, sampler=FakeSampler(), job_defaults={"ppo": ppo_job})
+    async with app.run_test(size=(150, 50)) as pilot:
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: isinstance(app.screen, PPOScreen))
+        screen: PPOScreen = app.screen
+        screen.query_one("#ppo-kl-budget").value = 10.0
+        await pilot.press("s")
+        await wait_for(pilot, lambda: screen.job is not None and screen.job.status == "done", 90)
+        assert screen.job.config["ppo"]["kl_budget"] == 10.0
+        [v1] = store.checkpoints("policy")
+        assert "v1" in screen.status_text() and "budget" not in screen.status_text()  # 10 nats: not reached
+
+        # As the job leaves a session the budget ended: the version that sampled past it, marked.
+        store.update_checkpoint_meta("policy", 1, {**v1.meta, "own_kl": 12.5, "over_kl_budget": 10.0})
+        screen.poll()
+        await wait_for(pilot, lambda: "passed the budget" in screen.status_text())
+        assert ("its KL passed the budget of 10 nats at v1 (12.5); v0 is the last version within it"
+                in screen.status_text())

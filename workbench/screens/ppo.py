@@ -21,7 +21,7 @@ from textual.widgets import Button, Checkbox, DataTable, Label, ProgressBar, Sel
 from textual_plotext import PlotextPlot
 
 from rlhf.ppo_config import DEFAULT_ITERATIONS, PPOConfig
-from rlhf.rows import Job, RolloutRow
+from rlhf.rows import Checkpoint, Job, RolloutRow
 from rlhf.store import ROLLOUT_SORTS, Store
 from workbench.job_follow import Series
 from workbench.screens.job_screen import JobScreen, JobSnapshot
@@ -47,9 +47,20 @@ DEFAULT = PPOConfig()
 ROLLOUT_COLUMNS = ("prompt", "completion", "score", "KL", "length", "end")
 # The rollouts table's orders, cycled by o: highest first by each, then as sampled.
 SORTS: tuple[str | None, ...] = (*ROLLOUT_SORTS, None)
-REWARD_CHOICES = (("reward model (latest)", ""), ("rule: short, ends in EOS", "rule:short"),
-                  ("rule: distinct tokens", "rule:distinct"))
+REWARD_CHOICES = (("reward model", ""), ("rule: short+EOS", "rule:short"), ("rule: distinct", "rule:distinct"))
 ALGORITHM_CHOICES = (("PPO", "ppo"), ("RLOO", "rloo"))
+# The KL budget, nats per answer (rlhf.ppo_config.PPOConfig.kl_budget); Select values cannot be None.
+BUDGET_OFF = 0.0
+KL_BUDGETS = [("off", BUDGET_OFF), ("5", 5.0), ("10", 10.0), ("20", 20.0)]
+
+
+def budget_text(last: Checkpoint) -> str:
+    """How a session that hit its KL budget ended, from the version it marked past it."""
+    budget = last.meta.get("over_kl_budget")
+    if budget is None:
+        return ""
+    return (f"its KL passed the budget of {budget:g} nats at v{last.version} ({last.meta.get('own_kl', 0):.1f}); "
+            f"v{last.parent_version} is the last version within it")
 
 
 def choices(*values: float) -> list[tuple[str, float]]:
@@ -65,6 +76,7 @@ class Snapshot(JobSnapshot):
     iteration: int | None = None               # the iteration shown
     iterations: tuple[int, ...] = ()           # those kept
     last_version: int | None = None
+    budget_text: str = ""                      # how the KL budget ended the session, if it did
 
 
 class PPOScreen(JobScreen[Snapshot]):
@@ -91,6 +103,7 @@ class PPOScreen(JobScreen[Snapshot]):
         super().__init__(job_defaults)
         self.rollouts: list[RolloutRow] = []
         self.last_version: int | None = None
+        self.budget_text = ""
         self.browsing: int | None = None   # the iteration asked for; None follows the latest
         self.sort: str | None = SORTS[0]
         self.iteration: int | None = None  # the iteration shown
@@ -100,13 +113,17 @@ class PPOScreen(JobScreen[Snapshot]):
     def compose_body(self) -> ComposeResult:
         yield Static("", id="ppo-status", markup=False)
         with Horizontal(id="ppo-controls"):
-            yield Label("iterations", classes="ppo-label")
+            yield Label("iter.", classes="ppo-label")
             yield Select(choices(5, DEFAULT_ITERATIONS, 20, 50), value=DEFAULT_ITERATIONS, allow_blank=False,
                          id="ppo-iterations")
             yield Label("beta", classes="ppo-label")
             yield Select(choices(0.01, 0.02, DEFAULT.beta, 0.1), value=DEFAULT.beta, allow_blank=False,
                          id="ppo-beta")
-            yield Checkbox("adaptive KL", DEFAULT.adaptive_kl, id="ppo-adaptive")
+            yield Checkbox("adaptive", DEFAULT.adaptive_kl, id="ppo-adaptive",
+                           tooltip="adapt beta towards the target KL (lm-human-preferences' controller)")
+            yield Label("KL ≤", classes="ppo-label")
+            yield Select(KL_BUDGETS, value=BUDGET_OFF, allow_blank=False, id="ppo-kl-budget",
+                         tooltip="end the session when a batch's KL to the reference passes this many nats")
             yield Select(list(REWARD_CHOICES), value="", allow_blank=False, id="ppo-reward")
             yield Select(list(ALGORITHM_CHOICES), value=DEFAULT.algorithm, allow_blank=False, id="ppo-algorithm",
                          tooltip="PPO: GAE with a value head; RLOO: each answer against the other answers to its "
@@ -132,7 +149,9 @@ class PPOScreen(JobScreen[Snapshot]):
 
     def read(self, store: Store, job: Job | None, new_metrics: Series, first_read: bool) -> Snapshot:
         last = store.checkpoint("policy")
-        snap = Snapshot(job, new_metrics, last_version=last.version if last else None)
+        snap = Snapshot(job, new_metrics, last_version=last.version if last else None,
+                        budget_text=budget_text(last) if last is not None and job is not None
+                        and last.job_id == job.id else "")
         # The job keeps each iteration's batch as it ends; browsing asks for another.
         if job is not None and (new_metrics or first_read or self._reread):
             self._reread = False
@@ -150,7 +169,7 @@ class PPOScreen(JobScreen[Snapshot]):
 
     def show(self, snap: Snapshot) -> None:
         job = snap.job
-        self.last_version = snap.last_version
+        self.last_version, self.budget_text = snap.last_version, snap.budget_text
         if snap.rollouts is not None:
             self.iteration, self.iterations = snap.iteration, snap.iterations
             if snap.rollouts != self.rollouts:
@@ -169,6 +188,8 @@ class PPOScreen(JobScreen[Snapshot]):
             self.notify(f"PPO failed: {job.error}", severity="error", timeout=12)
         elif job.status == "cancelled":
             self.notify(f"PPO stopped at iteration {job.step}; c continues it")
+        elif self.budget_text:
+            self.notify(f"PPO session done: {self.budget_text}", timeout=10)
         else:
             self.notify(f"PPO session done: policy v{self.last_version} saved")
 
@@ -187,6 +208,8 @@ class PPOScreen(JobScreen[Snapshot]):
         if job.status == "failed":
             return f"{head}: {job.error or 'no reason recorded'}"
         version = f"; latest policy v{self.last_version}" if self.last_version else ""
+        if self.budget_text:
+            version = f"; {self.budget_text}"
         if job.status == "cancelled":
             return f"{head} after iteration {job.step}{version}. c continues it, s starts a new session."
         return f"{head} after iteration {job.step}{version}{figures}. s starts another session."
@@ -260,8 +283,10 @@ class PPOScreen(JobScreen[Snapshot]):
     def job_config(self, *, resume: bool = False) -> dict[str, Any]:
         """A PPO job config: the chosen options and the app's base model. A
         continued session keeps its own estimator (its value head or its groups)."""
+        budget = self.query_one("#ppo-kl-budget", Select).value
         settings = {"beta": self.query_one("#ppo-beta", Select).value,
-                    "adaptive_kl": self.query_one("#ppo-adaptive", Checkbox).value}
+                    "adaptive_kl": self.query_one("#ppo-adaptive", Checkbox).value,
+                    "kl_budget": budget or None}
         if not resume:
             settings["algorithm"] = self.query_one("#ppo-algorithm", Select).value
         return self.full_config({"iterations": self.query_one("#ppo-iterations", Select).value,
