@@ -4,8 +4,10 @@ completions each prompt shows, in the order shown.
 No widgets here (the label screen draws what the deck holds), so the rules can
 be read, and tested, on their own:
 
-- Prompts come in id order; the deck opens on the first unlabeled one, and a
-  label moves on to the next unlabeled prompt (wrapping round). The order of
+- Prompts come in id order; the deck opens on the first one to label, and a
+  label moves on to the next (wrapping round). To label: a prompt with no label
+  yet, or one where a set of the current version waits (a PPO iteration's
+  rollouts queued for labeling: label what the policy produces now). The order of
   what comes next is a setting (``order``): as added, random, or uncertain
   first (prompts whose waiting set the reward ensemble is least sure of, from
   ``uncertainty``; the rest as added).
@@ -36,13 +38,15 @@ class Deck:
         self._unlabeled: set[int] = set()
         self._sets: dict[int, list[Completion]] = {}  # prompt id -> completions in display order
         self.current_id: int | None = None
+        self.policy_version = 0          # the version sampled from: its waiting sets count as to label
         self.best_of: int | None = None  # N when the sets are best-of-N picks of the version
+        self._waiting: set[int] = set()  # labeled prompts where a set of that version waits
         self.order = "added"
         self.uncertainty: dict[int, float] = {}   # prompt id -> the ensemble's doubt about its waiting set
         self._random_key: dict[int, float] = {}   # the 'random' order, drawn once per prompt
         self.reload()
-        unlabeled = [pid for pid in self.prompt_ids if pid in self._unlabeled]
-        self.current_id = unlabeled[0] if unlabeled else (self.prompt_ids[0] if self.prompt_ids else None)
+        to_label = [pid for pid in self.prompt_ids if self._to_label(pid)]
+        self.current_id = to_label[0] if to_label else (self.prompt_ids[0] if self.prompt_ids else None)
 
     # -- prompts and progress
 
@@ -50,6 +54,9 @@ class Deck:
         """Read the prompt list and which prompts are labeled from the store."""
         self.prompt_ids = [p.id for p in self.store.prompts()]
         self._unlabeled = set(self.store.unlabeled_prompt_ids())
+        self._waiting = {pid for pid, shown in self.store.pending_sets(self.k)
+                         if shown[0].policy_version == self.policy_version and shown[0].best_of == self.best_of
+                         and len(shown) == self.k} - self._unlabeled
         if self.current_id not in self.prompt_ids:
             self.current_id = self.prompt_ids[0] if self.prompt_ids else None
 
@@ -57,21 +64,25 @@ class Deck:
         return self.store.prompt(prompt_id)
 
     def is_labeled(self, prompt_id: int) -> bool:
-        return prompt_id not in self._unlabeled
+        return not self._to_label(prompt_id)
+
+    def _to_label(self, prompt_id: int) -> bool:
+        return prompt_id in self._unlabeled or prompt_id in self._waiting
 
     def mark_labeled(self, prompt_id: int, labeled: bool = True) -> None:
         if labeled:
             self._unlabeled.discard(prompt_id)
+            self._waiting.discard(prompt_id)
         else:
             self._unlabeled.add(prompt_id)
 
     @property
     def labeled_count(self) -> int:
-        return len(self.prompt_ids) - len(self._unlabeled)
+        return len(self.prompt_ids) - self.remaining_count
 
     @property
     def remaining_count(self) -> int:
-        return len(self._unlabeled)
+        return len(self._unlabeled | self._waiting)
 
     @property
     def position(self) -> int:
@@ -104,7 +115,7 @@ class Deck:
         n = len(self.prompt_ids)
         start = self.position
         waiting = [pid for offset in range(1, n + 1)
-                   if (pid := self.prompt_ids[(start + offset) % n]) in self._unlabeled and pid != self.current_id]
+                   if self._to_label(pid := self.prompt_ids[(start + offset) % n]) and pid != self.current_id]
         if self.order == "random" and waiting:
             for pid in waiting:
                 self._random_key.setdefault(pid, self.rng.random())
@@ -119,7 +130,7 @@ class Deck:
         """Sampled sets of this policy version not labeled yet, on unlabeled prompts:
         what the reward ensemble can be asked about."""
         return [(pid, shown) for pid, shown in self.store.pending_sets(self.k)
-                if pid in self._unlabeled and shown[0].policy_version == policy_version
+                if self._to_label(pid) and shown[0].policy_version == policy_version
                 and shown[0].best_of == self.best_of]
 
     # -- completion sets

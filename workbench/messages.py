@@ -45,6 +45,17 @@ class ModelFailed(Message):
         self.text = text
 
 
+class RolloutsQueued(Message):
+    """An iteration's rollouts wait for labels as ``sets`` sets of K answers of
+    policy ``version`` (``sampled`` of them sampled to make K)."""
+
+    def __init__(self, version: int, sets: int, sampled: int) -> None:
+        super().__init__()
+        self.version = version
+        self.sets = sets
+        self.sampled = sampled
+
+
 class PolicySwitched(Message):
     """Samples come from policy ``version`` from now on. ``quiet``: nothing to
     announce (no model yet, the version loads with it; or the switch failed and

@@ -43,6 +43,7 @@ from workbench.messages import (
     ModelLoaded,
     ModelStatus,
     PolicySwitched,
+    RolloutsQueued,
     SamplingFailed,
     SamplingSkipped,
     ScoresReady,
@@ -368,6 +369,39 @@ class ModelHost:
         self.reward_version = latest.version
         self._scores = {}
         return self.scorer
+
+    # -- a PPO iteration's rollouts, queued for labeling
+
+    def queue_rollouts(self, requester: DOMNode, job_id: int, iteration: int) -> Worker[None]:
+        """Put iteration ``iteration`` of PPO job ``job_id`` in the labeling queue
+        (rlhf.rollout_archive.queue_rollouts: K answers a prompt, sampled from the
+        same version where the batch had fewer), then sample from that version, so
+        the labeling screen shows them. RolloutsQueued goes to ``requester``."""
+        return _in_thread(requester, partial(self._queue_rollouts, requester, job_id, iteration), "queue",
+                          exclusive=True)
+
+    def _queue_rollouts(self, requester: DOMNode, job_id: int, iteration: int) -> None:
+        from rlhf.drift import DRIFT_ADAPTER, load_drift_version
+        from rlhf.rollout_archive import queue_rollouts, session_sampling
+        from rlhf.sampling import sample_k
+
+        params = session_sampling(self.store, job_id)
+
+        def sample_more(prompt: str, version: int, n: int) -> list[Any]:
+            if self.stack is None:
+                raise UserError("the model is still loading: queue the rollouts once it is ready")
+            if version and getattr(self.stack, "drift_version", None) != version:
+                load_drift_version(self.stack, self.store, version)  # beside the sampled policy, not over it
+            return sample_k(self.stack, [prompt], n, params, role=DRIFT_ADAPTER if version else "base",
+                            should_stop=_worker_cancelled)[0]
+
+        with self.lock:
+            sets, sampled = queue_rollouts(self.store, job_id, iteration, self.k, sample_more)
+        version = self.store.rollouts(job_id, iteration, limit=1)[0].policy_version
+        assert version is not None  # queue_rollouts refuses an unsaved one
+        requester.post_message(RolloutsQueued(version, sets, sampled))
+        if (version, None) != (self.policy_version, self.best_of):
+            self._switch_policy(requester, version, None)
 
     # -- drift: a policy version in its own adapter beside the sampled one
 

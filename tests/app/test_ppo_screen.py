@@ -105,3 +105,62 @@ async def test_a_kl_budget_chosen_on_screen_reaches_the_session_and_its_end_is_t
         await wait_for(pilot, lambda: "passed the budget" in screen.status_text())
         assert ("its KL passed the budget of 10 nats at v1 (12.5); v0 is the last version within it"
                 in screen.status_text())
+
+
+async def test_q_queues_an_iterations_rollouts_and_the_label_screen_shows_them(store, tiny_stack, tmp_path):
+    """Both prompts are labeled already; q on iteration 2 (sampled by v1, one answer a prompt) samples
+    one more answer of v1 for each, switches labeling to v1, and the Label screen offers those sets."""
+    import torch
+
+    from rlhf.preferences import record_label
+    from rlhf.sampling import SamplingParams
+    from workbench.app import WorkbenchApp
+    from workbench.screens.label import LabelScreen
+
+    prompts = ["Say hi.", "Count to three."]
+    store.add_prompts(prompts)
+    for prompt in store.prompts():
+        ids = store.add_completions(prompt.id, [{"text": t, "n_tokens": 1, "finish_reason": "eos",
+                                                 "policy_version": 0} for t in ("a", "b")])
+        record_label(store, prompt.id, ids, "best", [0], labeler="tester")
+    with torch.no_grad():
+        for p in tiny_stack.adapter_parameters("policy"):
+            p.add_(0.01)
+    tiny_stack.save_adapter("policy", tmp_path / "v1")
+    tiny_stack.reset_policy()
+    job = store.create_job("ppo", {})
+    store.add_checkpoint("policy", tmp_path / "v1", job_id=job, parent_version=0, meta={
+        "job_id": job, "iteration": 1, "config": {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 4}})
+    store.update_job(job, status="done", step=2)
+    store.add_rollouts(job, 2, 1, [{"prompt": p, "completion": f"rollout of {p}", "token_ids": [42, 2],
+                                    "score": 0.5, "kl": 0.1, "n_tokens": 2, "finish_reason": "eos"} for p in prompts])
+
+    app = WorkbenchApp(store, k=2, labeler="tester", stack=tiny_stack, policy_version=0,
+                       sampling_params=SamplingParams(max_new_tokens=4))
+    async with app.run_test(size=(150, 50)) as pilot:
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: isinstance(app.screen, PPOScreen))
+        screen: PPOScreen = app.screen
+        await wait_for(pilot, lambda: screen.iteration == 2 and screen.job is not None)
+        await pilot.press("q")
+        await wait_for(pilot, lambda: app.policy_version == 1, 60)
+        for prompt in store.prompts():
+            queued = store.completions_for_prompt(prompt.id, 1)
+            assert len(queued) == 2 and queued[0].text == f"rollout of {prompt.text}"
+        assert tiny_stack.policy_version == 1
+        await pilot.press("f1")
+        await wait_for(pilot, lambda: isinstance(app.screen, LabelScreen))
+        label = app.screen
+        await wait_for(pilot, lambda: len(label.shown) == 2 and {c.policy_version for c in label.shown} == {1}, 30)
+        assert any(c.text.startswith("rollout of") for c in label.shown)
+        assert label.deck.remaining_count == 2  # both labeled prompts wait again, for v1's answers
+        first = label.shown_prompt_id
+        await pilot.press("1")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 3)
+        assert {c.policy_version for c in store.completions(store.comparisons()[-1].completion_ids)} == {1}
+        # The label leads on to the other queued set, though its prompt was labeled before.
+        await wait_for(pilot, lambda: label.shown_prompt_id not in (None, first) and len(label.shown) == 2
+                       and any(c.text.startswith("rollout of") for c in label.shown), 30)
+        await pilot.press("1")
+        await wait_for(pilot, lambda: len(store.comparisons()) == 4)
+        assert label.deck.remaining_count == 0

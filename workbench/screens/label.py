@@ -87,7 +87,7 @@ class LabelScreen(LabelKeys, LabelSampling):
 
     def on_mount(self) -> None:
         self.deck = Deck(self.wb.store, self.wb.k, rng=self.wb.rng)
-        self.deck.best_of = self.wb.best_of
+        self._follow_source()
         self._fill_list()
         self.watch(self.app, "model_state", self._model_state_changed, init=False)
         self.watch(self.app, "model_status", self._model_status_changed, init=False)
@@ -135,9 +135,16 @@ class LabelScreen(LabelKeys, LabelSampling):
         if self.wb.model_state == "loading":
             self.query_one("#model-activity", Activity).update_text(f"loading the model: {text}")
 
+    def _follow_source(self) -> None:
+        """The deck shows (and counts as waiting) sets of what the app samples from."""
+        assert self.deck is not None
+        self.deck.policy_version, self.deck.best_of = self.wb.policy_version, self.wb.best_of
+        self.deck.reload()
+
     def _policy_changed(self, _value: int | None) -> None:
         assert self.deck is not None
-        self.deck.best_of = self.wb.best_of
+        self._follow_source()
+        self._fill_list()  # a queued set can make a labeled prompt one to label again
         self.deck.forget()  # sets of the old version must not be labeled as the new one
         self._status()
         self.show_current()

@@ -24,6 +24,7 @@ from rlhf.ppo_config import DEFAULT_ITERATIONS, PPOConfig
 from rlhf.rows import Checkpoint, Job, RolloutRow
 from rlhf.store import ROLLOUT_SORTS, Store
 from workbench.job_follow import Series
+from workbench.messages import RolloutsQueued
 from workbench.screens.job_screen import JobScreen, JobSnapshot
 from workbench.widgets.text import one_line
 
@@ -91,6 +92,8 @@ class PPOScreen(JobScreen[Snapshot]):
         Binding("right_square_bracket", "browse(1)", "Later", key_display="]",
                 tooltip="Rollouts of the iteration after (the latest follows the session)"),
         Binding("o", "cycle_sort", "Sort", tooltip="Sort the rollouts by score, KL, length, or as sampled"),
+        Binding("q", "queue_rollouts", "Label these",
+                tooltip="Queue the shown iteration's answers for labeling (K a prompt) and sample from its version"),
     ]
 
     KIND = "ppo"
@@ -260,6 +263,22 @@ class PPOScreen(JobScreen[Snapshot]):
             plt.xlabel("KL")
         widget.refresh()
 
+    def action_queue_rollouts(self) -> None:
+        """Label what the policy produces now: the shown iteration's rollouts go to the labeling queue."""
+        if self.job is None or self.iteration is None:
+            self.notify("no rollouts to queue yet: start a session (s)", severity="warning")
+            return
+        if not self.wb.model_host.ready:
+            self.notify("the model is still loading: queue the rollouts once it is ready", severity="warning")
+            return
+        self.notify(f"queueing the rollouts of iteration {self.iteration} for labeling…")
+        self.wb.model_host.queue_rollouts(self, self.job.id, self.iteration)
+
+    def on_rollouts_queued(self, message: RolloutsQueued) -> None:
+        self.notify(f"{message.sets} sets of policy v{message.version} wait on the Label screen (F1)"
+                    + (f"; {message.sampled} answers sampled to make {self.wb.k} a prompt" if message.sampled else "")
+                    + f"; labeling samples from v{message.version} now", timeout=8)
+
     def _fill_rollouts(self) -> None:
         table = self.query_one("#ppo-rollouts", DataTable)
         table.clear()
@@ -275,8 +294,7 @@ class PPOScreen(JobScreen[Snapshot]):
         order = f"highest {self.sort} first" if self.sort else "as sampled"
         following = " (the latest)" if self.browsing is None else ""
         return (f"Rollouts of iteration {self.iteration}{following} · {len(self.rollouts)} answers, {order} · "
-                f"kept: {kept} · [ ] browse · o sorts · to label them: "
-                f"rlhf rollouts --queue --iteration {self.iteration}")
+                f"kept: {kept} · [ ] browse · o sorts · q labels them")
 
     # -- actions
 
