@@ -24,6 +24,7 @@ from typing import Any
 from rlhf.best_of import best_of_n_kl_bound, pick_best
 from rlhf.errors import UserError
 from rlhf.preferences import record_label
+from rlhf.stats import wilson_interval
 from rlhf.store import PROBE_SOURCE, Store
 
 PURPOSE = "drift"
@@ -76,8 +77,6 @@ class DriftPair:
         if self.policy.best_of:
             return best_of_n_kl_bound(self.policy.best_of)
         return self.policy.log_ratio_sum
-
-
 
 
 def load_drift_version(stack: Any, store: Store, version: int) -> None:
@@ -254,8 +253,6 @@ class VersionDrift:
 
     def interval(self) -> tuple[float, float] | None:
         """The win-rate's 95% Wilson interval (ties as half a win)."""
-        from rlhf.stats import wilson_interval
-
         return wilson_interval(self.wins + 0.5 * self.ties, self.labels) if self.labels else None
 
     def as_dict(self) -> dict[str, Any]:
