@@ -127,7 +127,7 @@ class Deck:
         return waiting[0] if waiting else None
 
     def waiting_sets(self, policy_version: int) -> list[tuple[int, list[Completion]]]:
-        """Sampled sets of this policy version not labeled yet, on unlabeled prompts:
+        """Sampled sets of this policy version not labeled yet, on prompts to label:
         what the reward ensemble can be asked about."""
         return [(pid, shown) for pid, shown in self.store.pending_sets(self.k)
                 if self._to_label(pid) and shown[0].policy_version == policy_version
