@@ -1,7 +1,7 @@
 """The whole loop, headless, with a scripted labeler: does the policy learn the taste?
 
     python benchmarks/loop.py [--rules RULE ...] [--algorithms ppo rloo] [--best-of 4 16]
-                              [--prompts 60] [--iterations N] [--quick]
+                              [--prompts 60] [--iterations N] [--kl-budget NATS] [--seed S] [--quick]
 
 For each rule (a known taste, rlhf.rules), on a fresh database and the embedded
 model, exactly as a user would run it with the `rlhf` command line:
@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=60, help="training prompts, one comparison each (default 60)")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--iterations", type=int, default=16, help="PPO iterations (default 16)")
+    p.add_argument("--kl-budget", type=float, default=None, metavar="NATS",
+                   help="end each PPO session when a batch's KL passes this, and judge the last version within")
     p.add_argument("--algorithms", nargs="+", default=[PPOConfig().algorithm], choices=(*ALGORITHMS, "dpo"),
                    help=f"methods to run on the same labels (ppo and rloo against the same reward model; dpo on "
                         f"the labels directly) (default {PPOConfig().algorithm})")
@@ -69,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppo-args", default="", help="extra `rlhf ppo` options, quoted")
     p.add_argument("--sample-args", default="", help="extra `rlhf sample` and `rlhf eval-policy` options, quoted")
     p.add_argument("--keep", type=Path, default=None, help="keep each rule's database under this folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling, the reward model, the session and the "
+                                                      "judging; run again with others to see one run's spread")
     p.add_argument("--quick", action="store_true", help="a smoke run: 8 prompts, 2 iterations, 4 held-out prompts")
     args = p.parse_args(argv)
     if any(n < 2 for n in args.best_of):
@@ -110,9 +114,11 @@ def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
 
     stage("set-up", "init", "--no-samples")
     stage("set-up", "prompts", "add", str(train_file))
-    stage("sample", "sample", "--k", str(args.k), "--seed", "0", *shlex.split(args.sample_args))
+    seed = ["--seed", str(args.seed)]
+    budget = ["--kl-budget", str(args.kl_budget)] if args.kl_budget else []
+    stage("sample", "sample", "--k", str(args.k), *seed, *shlex.split(args.sample_args))
     stage("label", "label", "--rule", rule, "--k", str(args.k), "--limit", str(args.prompts))
-    stage("reward", "train-reward", "--sources", "label", *shlex.split(args.reward_args))
+    stage("reward", "train-reward", "--sources", "label", *seed, *shlex.split(args.reward_args))
     with Store(db) as store:
         reward, stats = store.checkpoint("reward").meta, store.stats()
     shared = dict(times)
@@ -121,10 +127,10 @@ def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
         times.clear()
         times.update(shared)
         if algorithm == "dpo":
-            stage("dpo", "dpo", "--policy-version", "0", "--sources", "label", *shlex.split(args.dpo_args))
+            stage("dpo", "dpo", "--policy-version", "0", "--sources", "label", *seed, *shlex.split(args.dpo_args))
         else:
             stage("ppo", "ppo", "--iterations", str(args.iterations), "--wait", "--policy-version", "0",
-                  "--algorithm", algorithm, *shlex.split(args.ppo_args))
+                  "--algorithm", algorithm, *seed, *budget, *shlex.split(args.ppo_args))
         with Store(db) as store:
             job = store.jobs("dpo" if algorithm == "dpo" else "ppo")[-1]
             latest, series = store.checkpoint("policy"), store.metrics(job.id)
@@ -132,7 +138,7 @@ def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
         version = latest.parent_version if latest.meta.get("over_kl_budget") else latest.version
         limit = ["--limit", str(args.eval_prompts)] if args.eval_prompts else []
         out = stage("eval", "eval-policy", "--rule", rule, "--version", str(version), "--k", str(args.k),
-                    "--json", *limit, *shlex.split(args.sample_args))
+                    "--json", *seed, *limit, *shlex.split(args.sample_args))
         runs.append({"rule": rule, "algorithm": algorithm, "times": dict(times), "reward": reward, "stats": stats,
                      "series": series, "eval": json.loads(out[out.index("{"):])})
     for n in args.best_of:
@@ -140,7 +146,7 @@ def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
         times.update(shared)
         limit = ["--limit", str(args.eval_prompts)] if args.eval_prompts else []
         out = stage("eval", "eval-policy", "--rule", rule, "--best-of", str(n), "--k", str(args.k), "--json",
-                    *limit, *shlex.split(args.sample_args))
+                    *seed, *limit, *shlex.split(args.sample_args))
         runs.append({"rule": rule, "algorithm": f"best-of-{n}", "times": dict(times), "reward": reward,
                      "stats": stats, "series": {}, "eval": json.loads(out[out.index("{"):])})
     return runs
