@@ -140,7 +140,8 @@ def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
         out = stage("eval", "eval-policy", "--rule", rule, "--version", str(version), "--k", str(args.k),
                     "--json", *seed, *limit, *shlex.split(args.sample_args))
         runs.append({"rule": rule, "algorithm": algorithm, "times": dict(times), "reward": reward, "stats": stats,
-                     "series": series, "eval": json.loads(out[out.index("{"):])})
+                     "series": series, "eval": json.loads(out[out.index("{"):]),
+                     "past_budget": latest.version if version != latest.version else None})
     for n in args.best_of:
         times.clear()
         times.update(shared)
@@ -175,6 +176,8 @@ def report(run: dict) -> None:
         print(f"{step:>9}  {by['objective/scores'][step]:6.3f}  {by['objective/kl'][step]:6.2f}  "
               f"{by['val/eos_fraction'][step]:4.2f}  {by['val/completion_tokens'][step]:5.1f}  "
               f"{by['time/iteration_s'][step]:5.1f}")
+    if run.get("past_budget"):
+        print(f"the session's KL passed the budget at v{run['past_budget']}: judged v{ev['version']}, the last within")
     print(f"held-out: win-rate {ev['winrate']:.3f} (95% CI {ev['winrate_low']:.2f}-{ev['winrate_high']:.2f}) over "
           f"{ev['prompts']} prompts x {ev['k']}x{ev['k']} pairs; KL {ev['kl']:.2f} nats/seq"
           f"{' (bound)' if ev.get('best_of') else ''}; mean rule score "
