@@ -175,7 +175,7 @@ def report(run: dict) -> None:
     for step in sorted(by.get("objective/scores", {})):
         print(f"{step:>9}  {by['objective/scores'][step]:6.3f}  {by['objective/kl'][step]:6.2f}  "
               f"{by['val/eos_fraction'][step]:4.2f}  {by['val/completion_tokens'][step]:5.1f}  "
-              f"{by['time/iteration_s'][step]:5.1f}")
+              f"{by.get('time/iteration_s', {}).get(step, float('nan')):5.1f}")
     if run.get("past_budget"):
         print(f"the session's KL passed the budget at v{run['past_budget']}: judged v{ev['version']}, the last within")
     print(f"held-out: win-rate {ev['winrate']:.3f} (95% CI {ev['winrate_low']:.2f}-{ev['winrate_high']:.2f}) over "

@@ -288,18 +288,20 @@ def win_counts(store: Store) -> dict[Contender, VersionDrift]:
     return out
 
 
-def reward_by_version(store: Store) -> dict[int, tuple[float, float]]:
-    """(mean score, mean KL) of the PPO rollout batch sampled from each version.
+def reward_by_version(store: Store) -> dict[int, tuple[float, float, int]]:
+    """(mean score, mean KL, the version that KL was measured against) of the PPO
+    rollout batch sampled from each version.
 
     A checkpoint's meta holds the score of the batch that trained it, which was
     sampled from its parent; so the parent's score is read there. The newest
     version has no batch of its own until a session continues from it. Scores of
     versions trained under different reward models are not comparable."""
-    out: dict[int, tuple[float, float]] = {}
+    out: dict[int, tuple[float, float, int]] = {}
     for cp in store.checkpoints("policy"):
         meta, parent = cp.meta, cp.parent_version
         if parent is not None and "rollout_score" in meta:
-            out[parent] = (float(meta["rollout_score"]), float(meta.get("kl", 0.0)))
+            out[parent] = (float(meta["rollout_score"]), float(meta.get("kl", 0.0)),
+                           int(meta.get("reference_version") or REFERENCE_VERSION))
     return out
 
 
@@ -323,7 +325,9 @@ def drift_table(store: Store) -> list[VersionDrift]:
     A version's KL is that of the rollouts sampled from it where a session
     continued from it; else what its job measured on the version itself (DPO,
     after each epoch); else the KL of the batch it was trained on (sampled from
-    its parent: one step short). Best-of-N's is its bound."""
+    its parent: one step short). Only a KL to the base counts: a session started
+    from a trained version measured its KL to that one, which the chart cannot
+    set beside the others. Best-of-N's is its bound."""
     counts = win_counts(store)
     rewards = reward_by_version(store)
     checkpoints = {cp.version: cp for cp in store.checkpoints("policy")}
@@ -335,13 +339,19 @@ def drift_table(store: Store) -> list[VersionDrift]:
         row.method, row.settings = made_by(meta)
         if v == REFERENCE_VERSION:
             row.kl, row.kl_source = 0.0, "the reference"
+        measured = []  # (KL, against which version, on what), best first
         if v in rewards:
-            row.reward, row.kl = rewards[v]
-            row.kl_source = "rollouts sampled from it"
-        elif meta.get("kl") is not None:
-            row.kl = float(meta["kl"])
-            row.kl_source = ("answers sampled after its epoch" if meta.get("method") else
-                             "the batch it was trained on (sampled from its parent)")
+            row.reward, kl, against = rewards[v]
+            measured.append((kl, against, "rollouts sampled from it"))
+        if meta.get("kl") is not None:
+            measured.append((float(meta["kl"]), int(meta.get("reference_version") or REFERENCE_VERSION),
+                             "answers sampled after its epoch" if meta.get("method") else
+                             "the batch it was trained on (sampled from its parent)"))
+        to_base = [m for m in measured if m[1] == REFERENCE_VERSION]
+        if to_base:
+            row.kl, _, row.kl_source = to_base[0]
+        elif measured:
+            row.kl_source = f"not to the base: its session measured KL to v{measured[0][1]}"
         rows.append(row)
     for contender, row in sorted(counts.items(), key=lambda item: (item[0].best_of or 0, item[0].reward_version or 0)):
         if contender.best_of:

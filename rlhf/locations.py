@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import platformdirs
@@ -36,3 +39,30 @@ def checkpoints_dir(db_path: Path) -> Path:
     path = db_path.parent / (db_path.stem + "-checkpoints")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_new_folder(out: str | Path) -> Path:
+    """``out`` as a path an export may write: a new or empty folder."""
+    from rlhf.errors import UserError
+
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists: export into a new or empty folder")
+    return out
+
+
+@contextmanager
+def new_folder(out: Path) -> Iterator[Path]:
+    """Write a folder whole or not at all: the block fills ``out.partial``, which
+    becomes ``out`` when the block ends and is removed when it raises."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()  # empty: check_new_folder said so
+    tmp.rename(out)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import UserError
+from rlhf.locations import check_new_folder, new_folder
 from rlhf.model_stack import ADAPTER_CONFIG, ADAPTER_FILE, read_record
 from rlhf.rows import Checkpoint
 from rlhf.store import Store
@@ -40,19 +41,14 @@ def export_policy(store: Store, version: int, out: str | Path, *, merged: bool =
     folder = Path(checkpoint.path)
     if not (folder / ADAPTER_FILE).exists():
         raise UserError(f"policy version {version}'s adapter is missing from {folder}: it cannot be exported")
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists: export into a new or empty folder")
+    out = check_new_folder(out)
     say = progress or (lambda _msg: None)
     from rlhf.models import quiet_bitsandbytes
 
     quiet_bitsandbytes()  # peft imports bitsandbytes, which warns of a kernel package it does without
     record = read_record(folder)
     config = peft_config(folder, record)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with new_folder(out) as tmp:
         if merged:
             write_merged(folder, record, config, tmp, say)
         else:
@@ -60,12 +56,6 @@ def export_policy(store: Store, version: int, out: str | Path, *, merged: bool =
             config.save_pretrained(str(tmp))
         (tmp / CARD_FILE).write_text(model_card(store, checkpoint, config.base_model_name_or_path, merged,
                                                 quantized=bool(record.get("quantized"))))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()  # empty: checked above
-    tmp.rename(out)
     return out
 
 

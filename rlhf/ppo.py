@@ -255,9 +255,9 @@ def run_job(ctx: Any) -> None:
 def end_past_budget(ctx: Any, spent: KLBudgetSpent, version: int, start_version: int, iteration: int) -> None:
     """The batch of ``iteration``, sampled by ``version``, passed the KL budget:
     mark that version (when this session made it) and say which is the last within."""
-    if version == start_version:
-        print(f"iteration {iteration}: {spent} already at the start (v{version}): nothing trained", flush=True)
-        return
+    if version == start_version:  # only a resumed session starts away from its reference: say so, do not end quietly
+        raise UserError(f"{spent} at the first batch: the session resumed from v{version}, which is already past "
+                        "it; resume with a larger --kl-budget, or start a new session")
     checkpoint = ctx.store.checkpoint("policy", version)
     ctx.store.update_checkpoint_meta("policy", version, {**checkpoint.meta, "own_kl": spent.kl,
                                                          "over_kl_budget": spent.budget})

@@ -298,9 +298,12 @@ class PPOSession:
                               "nothing of this iteration was saved: check the reward model")
         beta = self.beta
         self.advantages(batch)  # also the batch's KL
+        metrics = self.batch_metrics(batch, beta)
         budget = self.config.kl_budget
-        if budget is not None and float(batch.kl.sum(1).mean()) > budget:
-            raise KLBudgetSpent(float(batch.kl.sum(1).mean()), budget, self.batch_metrics(batch, beta), batch)
+        if budget is not None and metrics["objective/kl"] > budget:
+            metrics.update({f"time/{stage}_s": s for stage, s in batch.seconds.items()})
+            metrics["time/iteration_s"] = time.monotonic() - started
+            raise KLBudgetSpent(metrics["objective/kl"], budget, metrics, batch)
         before = self._snapshot()
         clock = time.monotonic()
         try:
@@ -308,7 +311,7 @@ class PPOSession:
         except BaseException:  # diverged, or anything else mid-update: never leave half a step behind
             self._restore(before)
             raise
-        metrics = {**self.batch_metrics(batch, beta), **update}
+        metrics = {**metrics, **update}
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             self._restore(before)

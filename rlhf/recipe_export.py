@@ -27,6 +27,7 @@ from typing import Any
 
 from rlhf.chat import prompt_messages
 from rlhf.errors import UserError
+from rlhf.locations import check_new_folder, new_folder
 from rlhf.exchange_export import pair_rows
 from rlhf.model_options import EMBEDDED, LoraSettings
 from rlhf.ppo_config import PPOConfig
@@ -53,14 +54,9 @@ def export_recipe(store: Store, out: str | Path, *, version: int | None = None, 
         raise UserError(f"no labeled pairs in {store.path}: label or import some first, the recipe trains on them")
     prompts = [p.text for p in store.prompts()] or sorted({p["prompt"] for p in pairs})
     checkpoint = session_version(store, version)
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists: export into a new or empty folder")
+    out = check_new_folder(out)
     settings = recipe_settings(store, checkpoint, base, pairs)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with new_folder(out) as tmp:
         _write_jsonl(tmp / "preferences.jsonl", pair_rows(pairs, conversational=True, metadata=False))
         _write_jsonl(tmp / "prompts.jsonl", [{"prompt": prompt_messages(text)} for text in prompts])
         if progress and store.checkpoint("reward") is not None:
@@ -70,12 +66,6 @@ def export_recipe(store: Store, out: str | Path, *, version: int | None = None, 
         for name in (SCRIPT, ACCELERATE):
             shutil.copy2(RECIPE_FILES / name, tmp / name)
         (tmp / "README.md").write_text(readme(settings))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()  # empty: checked above
-    tmp.rename(out)
     return out
 
 
@@ -110,7 +100,8 @@ def session_version(store: Store, version: int | None) -> Checkpoint | None:
 def recipe_settings(store: Store, checkpoint: Checkpoint | None, base: str | None,
                     pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """recipe.json: what train.py reads."""
-    config = dict(checkpoint.meta["config"]) if checkpoint else asdict(PPOConfig())
+    defaults = asdict(PPOConfig())
+    config = {**defaults, **checkpoint.meta["config"]} if checkpoint else defaults  # older versions lack newer keys
     session = {k: config[k] for k in SESSION_KEYS}
     session["prompt_epochs"] = 1  # passes of RLOO over the prompts
     lora, source = _model_of(store, checkpoint)
@@ -118,7 +109,7 @@ def recipe_settings(store: Store, checkpoint: Checkpoint | None, base: str | Non
         "written_by": "rlhf export-recipe",
         "database": str(store.path),
         "policy_version": checkpoint.version if checkpoint else None,
-        "base": base or _base_name(checkpoint, source),
+        "base": base or _base_name(checkpoint or store.checkpoint("reward"), source),
         "lora": lora,
         "reward": dict(REWARD_DEFAULTS),
         "session": session,
@@ -128,16 +119,19 @@ def recipe_settings(store: Store, checkpoint: Checkpoint | None, base: str | Non
 
 
 def _model_of(store: Store, checkpoint: Checkpoint | None) -> tuple[dict[str, Any], str]:
-    """The session's LoRA shape and model source (the workbench's defaults without one)."""
+    """The session's LoRA shape and model source; without a session, the latest
+    reward model's (the labels' base), else the workbench's defaults."""
     model: dict[str, Any] = {}
-    if checkpoint and checkpoint.job_id is not None:
-        model = store.job(checkpoint.job_id).config.get("model") or {}
+    source = checkpoint or store.checkpoint("reward")
+    if source is not None and source.job_id is not None:
+        model = store.job(source.job_id).config.get("model") or {}
     return model.get("lora") or asdict(LoraSettings()), model.get("source") or EMBEDDED
 
 
 def _base_name(checkpoint: Checkpoint | None, source: str) -> str:
-    """How the cluster names the base: what the saved adapter names (the hub id
-    for the embedded model), else the source the workbench loaded."""
+    """How the cluster names the base: what the saved adapter (the session's, else
+    the reward model's) names, the hub id for the embedded model; else the source
+    the workbench loaded."""
     if checkpoint:
         saved = Path(checkpoint.path) / "adapter_config.json"
         if saved.exists():

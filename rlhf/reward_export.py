@@ -22,12 +22,12 @@ itself and does not go through its forward, so it would not read it right.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rlhf.errors import UserError
+from rlhf.locations import check_new_folder, new_folder
 from rlhf.model_stack import ADAPTER_FILE, HEADS_FILE, read_record
 from rlhf.policy_export import base_on_this_machine, peft_config
 from rlhf.reward_config import Readout
@@ -49,29 +49,18 @@ def export_reward(store: Store, version: int | None, out: str | Path,
     if not (folder / HEADS_FILE).exists():
         raise UserError(f"reward version {checkpoint.version}'s files are missing from {folder}: it cannot be "
                         "exported")
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists: export into a new or empty folder")
+    out = check_new_folder(out)
     record = read_record(folder)
     base_dir = record.get("base")
     if not base_on_this_machine(base_dir):
         raise UserError(f"the base reward version {checkpoint.version} was trained on ({base_dir}) is not on this "
                         "machine: export it where the base is")
     say = progress or (lambda _msg: None)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with new_folder(out) as tmp:
         say(f"merging reward version {checkpoint.version} into {Path(str(base_dir)).name} (full precision)")
         write_classifier(folder, record, checkpoint.meta, tmp)
         (tmp / "README.md").write_text(model_card(checkpoint.version, checkpoint.meta, record, peft_config(
-            folder, record).base_model_name_or_path))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()  # empty: checked above
-    tmp.rename(out)
+            folder, record).base_model_name_or_path, json.loads((tmp / "config.json").read_text())))
     return out
 
 
@@ -81,7 +70,8 @@ def write_classifier(folder: Path, record: dict[str, Any], meta: dict[str, Any],
     import transformers
     from peft import get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     from rlhf.models import load_tokenizer, quiet_bitsandbytes
 
@@ -89,6 +79,15 @@ def write_classifier(folder: Path, record: dict[str, Any], meta: dict[str, Any],
     base_dir = str(record["base"])
     tokenizer = load_tokenizer(base_dir)
     header = answer_header(tokenizer)
+    base_config = AutoConfig.from_pretrained(base_dir)
+    readout = Readout.from_meta(meta, base_config.num_hidden_layers)
+    architecture = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(base_config.model_type)
+    if architecture is None:  # checked before the full-precision load below
+        raise UserError(f"transformers has no sequence classifier for {base_config.model_type} models: this reward "
+                        "model cannot be exported as one")
+    if readout.pool == "mean" and header is None:
+        raise UserError("the base has no chat template, so an exported model cannot tell the answer from the "
+                        "prompt: export a reward model trained with --readout eos")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # as rlhf.models.load_stack does
         base.resize_token_embeddings(len(tokenizer))
@@ -98,13 +97,8 @@ def write_classifier(folder: Path, record: dict[str, Any], meta: dict[str, Any],
         model = get_peft_model(base, lora)
         set_peft_model_state_dict(model, load_file(folder / ADAPTER_FILE))
         base = model.merge_and_unload()
-    readout = Readout.from_meta(meta, base.config.num_hidden_layers)
-    if readout.pool == "mean" and header is None:
-        raise UserError("the base has no chat template, so an exported model cannot tell the answer from the "
-                        "prompt: export a reward model trained with --readout eos")
     weight, bias = folded_head(load_file(folder / HEADS_FILE), meta)
-    config = classifier_config(base.config, readout, header, bias, tokenizer.pad_token_id)
-    architecture = type(base).__name__.replace("ForCausalLM", "ForSequenceClassification")
+    config = classifier_config(base.config, readout, header, bias, tokenizer.pad_token_id, tokenizer.eos_token_id)
     classifier = getattr(transformers, architecture)(config).to(torch.float32)
     body = getattr(base, base.base_model_prefix).state_dict()
     kept = {k: v for k, v in body.items() if not k.startswith("layers.") or int(k.split(".")[1]) < readout.layer}
@@ -126,8 +120,11 @@ def folded_head(heads: dict[str, Any], meta: dict[str, Any]) -> tuple[Any, float
     return weight, float(heads["reward.bias"].float().mean()) * gain + shift
 
 
-def classifier_config(config: Any, readout: Readout, header: list[int] | None, bias: float, pad_id: int) -> Any:
-    """The base's config cut to the read-out layer, a one-label classifier of our class."""
+def classifier_config(config: Any, readout: Readout, header: list[int] | None, bias: float, pad_id: int | None,
+                      eos_id: int | None) -> Any:
+    """The base's config cut to the read-out layer, a one-label classifier of our
+    class, with the tokenizer's EOS (the one the workbench appends; a model's
+    config may name another)."""
     config = config.__class__.from_dict(config.to_dict())
     config.num_hidden_layers = readout.layer
     if isinstance(getattr(config, "layer_types", None), list):  # Qwen2 and newer configs list each layer
@@ -135,7 +132,8 @@ def classifier_config(config: Any, readout: Readout, header: list[int] | None, b
     config.num_labels = 1
     config.pad_token_id = pad_id
     config.auto_map = {"AutoModelForSequenceClassification": f"{MODELING[:-3]}.{CLASS}"}
-    config.workbench_reward = {"pool": readout.pool, "bias": bias, "answer_header": header or []}
+    config.workbench_reward = {"pool": readout.pool, "bias": bias, "answer_header": header or [],
+                               "eos_token_id": eos_id}
     return config
 
 
@@ -154,16 +152,17 @@ def answer_header(tokenizer: Any) -> list[int] | None:
     return with_header[len(without):] if with_header[:len(without)] == without else None
 
 
-def model_card(version: int, meta: dict[str, Any], record: dict[str, Any], base_name: str) -> str:
-    readout = meta.get("readout") or {}
-    pooled = "mean hidden state" if readout.get("pool", "mean") == "mean" else "EOS state"
+def model_card(version: int, meta: dict[str, Any], record: dict[str, Any], base_name: str,
+               config: dict[str, Any]) -> str:
+    """README.md: what the classifier reads (from its ``config``) and how to load it."""
+    pooled = "mean hidden state" if config["workbench_reward"]["pool"] == "mean" else "EOS state"
     accuracy = meta.get("eval_accuracy")
     held = (f"held-out accuracy {accuracy:.2f} on {meta.get('eval_pairs')} pairs" if isinstance(accuracy, float)
             else "no held-out accuracy recorded")
     lines = ["---", f"base_model: {base_name}", "library_name: transformers",
              "tags: [rlhf, reward-model, rlhf-workbench]", "---", "",
              f"# Reward model version {version} from the RLHF workbench", "",
-             f"- **Base**: `{base_name}`, its first {readout.get('layer', '?')} layers with the reward adapter "
+             f"- **Base**: `{base_name}`, its first {config['num_hidden_layers']} layers with the reward adapter "
              "merged in" + (" (trained on the 4-bit NF4 base: merged here into its full-precision weights, so "
                             "scores are close to the workbench's, not the same)" if record.get("quantized") else ""),
              f"- **Reads**: the answer's {pooled}; {meta.get('heads', 1)} reward heads averaged, normalization "

@@ -156,8 +156,12 @@ class WorkbenchApp(App[None]):
         self.model_state = "failed"
 
     def on_policy_switched(self, message: PolicySwitched) -> None:
-        self.best_of = message.best_of
-        self.policy_version = message.version
+        if message.version != self.policy_version:
+            # Both change, one redraw: the version's watchers read best_of too.
+            self.set_reactive(WorkbenchApp.best_of, message.best_of)
+            self.policy_version = message.version
+        else:
+            self.best_of = message.best_of
         if not message.quiet:
             source = f"policy v{message.version}" + (" (base)" if not message.version else "")
             self.notify(f"sampling best-of-{message.best_of} of {source}, picked by the reward model"

@@ -55,8 +55,7 @@ class Deck:
         self.prompt_ids = [p.id for p in self.store.prompts()]
         self._unlabeled = set(self.store.unlabeled_prompt_ids())
         self._waiting = {pid for pid, shown in self.store.pending_sets(self.k)
-                         if shown[0].policy_version == self.policy_version and shown[0].best_of == self.best_of
-                         and len(shown) == self.k} - self._unlabeled
+                         if self._of_source(shown) and len(shown) == self.k} - self._unlabeled
         if self.current_id not in self.prompt_ids:
             self.current_id = self.prompt_ids[0] if self.prompt_ids else None
 
@@ -65,6 +64,10 @@ class Deck:
 
     def is_labeled(self, prompt_id: int) -> bool:
         return not self._to_label(prompt_id)
+
+    def _of_source(self, shown: list[Completion]) -> bool:
+        """Whether a set was sampled from what the deck shows (its version, best-of-N or not)."""
+        return shown[0].policy_version == self.policy_version and shown[0].best_of == self.best_of
 
     def _to_label(self, prompt_id: int) -> bool:
         return prompt_id in self._unlabeled or prompt_id in self._waiting
@@ -126,12 +129,11 @@ class Deck:
                 return max(known, key=self.uncertainty.__getitem__)
         return waiting[0] if waiting else None
 
-    def waiting_sets(self, policy_version: int) -> list[tuple[int, list[Completion]]]:
-        """Sampled sets of this policy version not labeled yet, on prompts to label:
+    def waiting_sets(self) -> list[tuple[int, list[Completion]]]:
+        """Sampled sets of the deck's version not labeled yet, on prompts to label:
         what the reward ensemble can be asked about."""
         return [(pid, shown) for pid, shown in self.store.pending_sets(self.k)
-                if self._to_label(pid) and shown[0].policy_version == policy_version
-                and shown[0].best_of == self.best_of]
+                if self._to_label(pid) and self._of_source(shown)]
 
     # -- completion sets
 

@@ -255,9 +255,11 @@ class ModelHost:
             if best_of:
                 scorer = self._scorer()
                 if scorer is None:
-                    raise UserError(f"best-of-{best_of} needs a reward model to pick the answers: train one (F2) "
-                                    "or choose a policy version (v)")
+                    raise UserError(f"best-of-{best_of} needs a reward model to pick the answers and none is loaded "
+                                    "(see the notices): train one (F2) or choose a policy version (v)")
                 pool = self.sampler([text], self.k * best_of)[0]
+                if _worker_cancelled():
+                    raise WorkerCancelled()  # the app is closing: no scoring for nothing
                 samples, reward_version = pick_best(scorer, pool[0].prompt_ids, pool, best_of), self.reward_version
             else:
                 samples = self.sampler([text], self.k)[0]
@@ -422,7 +424,8 @@ class ModelHost:
             if target.best_of:
                 scorer = self._scorer()
                 if scorer is None:
-                    raise UserError("best-of-N needs a reward model to pick the answer: train one first (F2)")
+                    raise UserError("best-of-N needs a reward model to pick the answer and none is loaded (see the "
+                                    "notices): train one (F2)")
                 pair = answer_best_of_pair(self.stack, scorer, prompt, params, target.best_of)
             else:
                 if getattr(self.stack, "drift_version", None) != target.version:

@@ -39,7 +39,7 @@ def cmd_winrate(args: argparse.Namespace) -> int:
         print(json.dumps({"versions": [r.as_dict() for r in rows], "warnings": warnings,
                           "ties": "count half a win"}, indent=2))
         return 0
-    print(f"{'contender':>21}  {'method':>9}  {'reward':>7}  {'kl':>6}  {'wins':>4}  {'losses':>6}  {'ties':>4}  "
+    print(f"{'contender':>24}  {'method':>9}  {'reward':>7}  {'kl':>6}  {'wins':>4}  {'losses':>6}  {'ties':>4}  "
           f"{'win-rate':>8}  95% CI")
     for r in rows:
         reward = f"{r.reward:7.3f}" if r.reward is not None else f"{'-':>7}"
@@ -48,7 +48,7 @@ def cmd_winrate(args: argparse.Namespace) -> int:
         interval = r.interval()
         bounds = f"{interval[0]:.2f}-{interval[1]:.2f}" if interval else "-"
         name = "reference v0" if r.is_reference else r.name
-        print(f"{name:>21}  {r.method or '-':>9}  {reward}  {kl}  {r.wins:>4}  {r.losses:>6}  {r.ties:>4}  {rate}  "
+        print(f"{name:>24}  {r.method or '-':>9}  {reward}  {kl}  {r.wins:>4}  {r.losses:>6}  {r.ties:>4}  {rate}  "
               f"{bounds}")
     print("win-rate = (wins + ties/2) / labels, from blind contender-vs-reference labels; reward = mean score of "
           "the PPO rollouts sampled from that version; kl = nats per answer (rollouts sampled from the version, "

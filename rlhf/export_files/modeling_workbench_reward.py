@@ -14,6 +14,8 @@ trust_remote_code=True)``; it accepts left or right padding.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers import LlamaForSequenceClassification as _Base  # the export writes the base's own class here
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
@@ -30,7 +32,8 @@ class WorkbenchRewardModel(_Base):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                             use_cache=False).last_hidden_state
         settings = self.config.workbench_reward
-        start, end = answer_spans(input_ids, attention_mask, settings["answer_header"], self.config.eos_token_id)
+        start, end = answer_spans(input_ids, attention_mask, settings["answer_header"],
+                                  settings.get("eos_token_id", self.config.eos_token_id))
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         if settings["pool"] == "eos":
             pooled = hidden[rows, end]
@@ -57,6 +60,10 @@ def answer_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor, header: 
             if ids[i:i + len(header)] == header:
                 start = i + len(header)
                 break
+        else:
+            if header:  # the mean would take in the prompt: say so once
+                warnings.warn("no assistant header before the answer: format the conversation with the "
+                              "tokenizer's chat template; the whole sequence is read", stacklevel=2)
         starts.append(min(start, end))
         ends.append(end)
     return torch.tensor(starts, device=input_ids.device), torch.tensor(ends, device=input_ids.device)

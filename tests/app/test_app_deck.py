@@ -57,7 +57,7 @@ def test_what_comes_next_follows_the_order(store):
     store.add_completions(3, _rows(2, 1))                        # another policy version's set
     deck = Deck(store, k=2, rng=random.Random(0))
     assert deck.current_id == 1 and deck.next_unlabeled() == 2  # as added
-    assert [pid for pid, _ in deck.waiting_sets(0)] == [2, 4, 5]
+    assert [pid for pid, _ in deck.waiting_sets()] == [2, 4, 5]
     deck.set_order("uncertain")
     assert deck.next_unlabeled() == 2                            # nothing measured yet: as added
     deck.uncertainty = {2: 0.1, 4: 0.6, 5: 0.3}

@@ -193,3 +193,19 @@ def test_every_version_of_every_method_gets_its_kl_method_and_interval(store, tm
     assert rows["v3"].win_rate == 0.75 and rows["v3"].labels == 4
     low, high = rows["v3"].interval()
     assert low < 0.75 < high and rows["v0"].kl == 0.0 and rows["v0"].interval() is None
+
+
+def test_a_kl_to_another_reference_is_not_put_beside_kls_to_the_base(store, tmp_path):
+    """A second session started from v1 measures its KL to v1: its versions get no point on the chart."""
+    store.add_checkpoint("policy", tmp_path, parent_version=0, meta={"rollout_score": 0.0, "kl": 0.0,
+                                                                     "reference_version": 0})
+    store.add_checkpoint("policy", tmp_path, parent_version=1, meta={"rollout_score": 0.3, "kl": 0.5,
+                                                                     "reference_version": 1})
+    store.add_checkpoint("policy", tmp_path, parent_version=2, meta={"rollout_score": 0.6, "kl": 1.0,
+                                                                     "reference_version": 1})
+    rows = {r.name: r for r in drift_table(store)}
+    assert rows["v0"].kl == 0.0
+    # v1's own rollouts were measured against v1; the batch that trained it, against the base, stands in.
+    assert rows["v1"].kl == 0.0 and rows["v1"].kl_source.startswith("the batch it was trained on")
+    assert rows["v2"].kl is None and rows["v2"].kl_source == "not to the base: its session measured KL to v1"
+    assert rows["v3"].kl is None and rows["v2"].reward == 0.6

@@ -670,3 +670,7 @@ def test_a_kl_budget_ends_the_session_and_marks_the_version_past_it(store, db_pa
     assert [r.policy_version for r in store.rollouts(job.id, 2)] == [1] * 4  # what passed it, kept
     assert "passed the budget of 1e-06 nats (sampled by v1): the session ends; v0 is the last version within it" \
         in capsys.readouterr().out
+    # Resumed from v1, already past it: a failure that says so, and nothing new saved.
+    resumed = run_in_process(store, db_path, job_config(tiny_dir, ppo={"kl_budget": 1e-6}, iterations=5, resume=True))
+    assert resumed.status == "failed" and "the session resumed from v1, which is already past it" in resumed.error
+    assert len(store.checkpoints("policy")) == 1

@@ -97,3 +97,16 @@ def test_the_recipe_runs_one_step_of_each_stage_with_trl(store, db_path, tmp_pat
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(out / "runs" / "policy"))
     assert policy.peft_config["default"].r == 4
     assert (out / "theirs" / "policy" / "adapter_model.safetensors").exists()
+
+
+def test_without_a_session_the_recipe_takes_the_reward_models_base(store, db_path, tmp_path):
+    synthetic_pairs(store, 4)
+    options = ModelOptions(source="/models/rm")
+    options.lora.r = 8
+    job = store.create_job("reward", {"model": asdict(options)})
+    (tmp_path / "r1").mkdir()
+    store.add_checkpoint("reward", tmp_path / "r1", job_id=job)
+    assert main(["--db", str(db_path), "export-recipe", str(tmp_path / "out")]) == 0
+    settings = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    assert settings["base"] == "/models/rm" and settings["lora"]["r"] == 8
+    assert settings["reward_model"]["path"] is None and "cannot be exported" in settings["reward_model"]["why"]

@@ -26,7 +26,7 @@ from rlhf.rows import Checkpoint, Job
 from rlhf.stats import rate_text
 from rlhf.store import Store
 from workbench.job_follow import Series
-from workbench.screens.job_screen import JobScreen, JobSnapshot
+from workbench.screens.job_screen import JobScreen, JobSnapshot, choices
 
 DEFAULT = DPOConfig()
 # (plot id, title, ((metric, legend label), ...), y limits): training batches as lines,
@@ -39,11 +39,6 @@ PLOTS = (("dpo-loss", "loss", (("loss", "train"), ("eval/loss", "held-out")), No
          ("dpo-kl", "KL to the reference (nats/answer)", (("objective/kl", "sampled answers"),), None))
 SOURCE_CHOICES = [("labeled", "label"), ("all", "all"), ("imported", "import")]
 START_CHOICES = [("latest policy", -1), ("base (v0)", 0)]
-
-
-def choices(*values: float) -> list[tuple[str, float]]:
-    """Select options for these values, the default among them, once each, in order."""
-    return [(f"{v:g}", v) for v in sorted(set(values))]
 
 
 @dataclass

@@ -230,6 +230,8 @@ class DriftScreen(WorkbenchScreen):
             parts = [row.method or "policy"] + ([row.settings] if row.settings else [])
             if row.kl is not None:
                 parts.append(f"KL {row.kl:.2f} nats on {row.kl_source}")
+            elif row.kl_source:
+                parts.append(f"KL {row.kl_source}")
             parts.append("win-rate " + (win_rate_text(row, interval=True) if row.labels
                                         else "not labeled yet: b, then n"))
             text = f"{row.name}: " + " · ".join(parts)

@@ -26,6 +26,11 @@ from workbench.screens.base import WorkbenchScreen
 POLL_S = 1.0
 
 
+def choices(*values: float) -> list[tuple[str, float]]:
+    """Select options for these values (a job setting's default among them), once each, in order."""
+    return [(f"{v:g}", v) for v in sorted(set(values))]
+
+
 @dataclass
 class JobSnapshot:
     """What one poll read from the store; a screen's snapshot adds what else it shows."""

@@ -270,14 +270,14 @@ class LabelScreen(LabelKeys, LabelSampling):
                 self.notify("uncertain first needs a reward model: train one (F2); until then, as added",
                             severity="warning", timeout=4)
             else:
-                self.wb.model_host.measure_uncertainty(self, self.deck.waiting_sets(self.wb.policy_version))
+                self.wb.model_host.measure_uncertainty(self, self.deck.waiting_sets())
         self.notify(f"next: {ORDER_NAMES[order]}", timeout=2)
         self._status()
 
     def on_screen_resume(self) -> None:
         # Back from the Train screen, say: a newer reward version may be less sure elsewhere.
         if self.deck is not None and self.deck.order == "uncertain":
-            self.wb.model_host.measure_uncertainty(self, self.deck.waiting_sets(self.wb.policy_version))
+            self.wb.model_host.measure_uncertainty(self, self.deck.waiting_sets())
 
     def on_uncertainty_measured(self, message: UncertaintyMeasured) -> None:
         assert self.deck is not None

@@ -25,7 +25,7 @@ from rlhf.rows import Checkpoint, Job, RolloutRow
 from rlhf.store import ROLLOUT_SORTS, Store
 from workbench.job_follow import Series
 from workbench.messages import RolloutsQueued
-from workbench.screens.job_screen import JobScreen, JobSnapshot
+from workbench.screens.job_screen import JobScreen, JobSnapshot, choices
 from workbench.widgets.text import one_line
 
 # (metric, label, format) of the latest iteration in the status line, after the score.
@@ -62,11 +62,6 @@ def budget_text(last: Checkpoint) -> str:
         return ""
     return (f"its KL passed the budget of {budget:g} nats at v{last.version} ({last.meta.get('own_kl', 0):.1f}); "
             f"v{last.parent_version} is the last version within it")
-
-
-def choices(*values: float) -> list[tuple[str, float]]:
-    """Select options for these values, the default among them, once each, in order."""
-    return [(f"{v:g}", v) for v in sorted(set(values))]
 
 
 @dataclass
