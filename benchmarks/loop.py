@@ -57,9 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rules", nargs="+", default=list(RULES), help="rules to run the loop for")
     p.add_argument("--prompts", type=int, default=60, help="training prompts, one comparison each (default 60)")
     p.add_argument("--k", type=int, default=4)
-    p.add_argument("--iterations", type=int, default=16, help="PPO iterations (default 16)")
-    p.add_argument("--kl-budget", type=float, default=None, metavar="NATS",
-                   help="end each PPO session when a batch's KL passes this, and judge the last version within")
+    p.add_argument("--iterations", type=int, default=30, help="PPO iterations at most (default 30)")
+    p.add_argument("--kl-budget", type=float, default=10.0, metavar="NATS",
+                   help="end each PPO session when a batch's KL passes this, and judge the last version within "
+                        "(default 10, the target; 0: no budget)")
     p.add_argument("--algorithms", nargs="+", default=[PPOConfig().algorithm], choices=(*ALGORITHMS, "dpo"),
                    help=f"methods to run on the same labels (ppo and rloo against the same reward model; dpo on "
                         f"the labels directly) (default {PPOConfig().algorithm})")

@@ -200,8 +200,8 @@ class PPOSession:
         generator = torch.Generator().manual_seed(self.rng.randrange(2**31))
         for _epoch in range(cfg.epochs):
             order = torch.randperm(len(batch.samples), generator=generator).tolist()
-            for start in range(0, len(order), cfg.mini_batch_size):
-                rows = order[start:start + cfg.mini_batch_size]
+            for start in range(0, len(order), cfg.minibatch):
+                rows = order[start:start + cfg.minibatch]
                 mask = batch.mask[rows]
                 with stack.role("policy"):
                     logprobs, logits, values = completion_forward(stack, batch.ids[rows], batch.attention[rows],
