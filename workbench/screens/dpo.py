@@ -26,7 +26,7 @@ from rlhf.rows import Checkpoint, Job
 from rlhf.stats import rate_text
 from rlhf.store import Store
 from workbench.job_follow import Series
-from workbench.screens.job_screen import JobScreen, JobSnapshot, choices
+from workbench.screens.job_screen import JobSnapshot, StartCancelScreen, choices
 
 DEFAULT = DPOConfig()
 # (plot id, title, ((metric, legend label), ...), y limits): training batches as lines,
@@ -49,12 +49,13 @@ class Snapshot(JobSnapshot):
     pairs_labeled: int = 0
 
 
-class DPOScreen(JobScreen[Snapshot]):
+class DPOScreen(StartCancelScreen[Snapshot]):
     BINDINGS = [
         Binding("s", "start", "Start", tooltip="Train the policy on the labeled pairs with DPO"),
         Binding("c", "cancel", "Cancel", tooltip="Cancel the running DPO job (stops within one step)"),
     ]
     KIND = "dpo"
+    PREFIX = "dpo"
     FIRST_STEP = -1
     IDLE = "no DPO job is running"
     BUSY = "job {job.id} is still {job.status}: cancel it first (c)"
@@ -87,10 +88,8 @@ class DPOScreen(JobScreen[Snapshot]):
         return Snapshot(job, new_metrics, versions=versions, pairs_labeled=store.stats()["pairs_labeled"])
 
     def show(self, snap: Snapshot) -> None:
-        job = snap.job
         self.query_one("#dpo-status", Static).update(self.status_text(snap))
-        self.query_one("#dpo-cancel", Button).disabled = job is None or not job.active
-        self.query_one("#dpo-start", Button).disabled = job is not None and job.active
+        self.show_buttons(snap.job)
 
     def finished(self, job: Job, snap: Snapshot) -> None:
         if job.status == "done":
@@ -170,9 +169,6 @@ class DPOScreen(JobScreen[Snapshot]):
                     "epochs": self.query_one("#dpo-epochs", Select).value,
                     "sources": self.query_one("#dpo-sources", Select).value}})
 
-    def action_start(self) -> None:
-        self.start(self.job_config())
-
     def launch(self, config: dict[str, Any]) -> None:
         from rlhf import dpo
         from rlhf.dpo_config import DPOJob
@@ -180,11 +176,3 @@ class DPOScreen(JobScreen[Snapshot]):
         job_id = dpo.start_job(self.wb.store, DPOJob.from_dict(config))
         self.notify(f"started DPO job {job_id}")
 
-    def action_cancel(self) -> None:
-        self.request("cancel")
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "dpo-start":
-            self.action_start()
-        elif event.button.id == "dpo-cancel":
-            self.action_cancel()

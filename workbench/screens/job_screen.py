@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 from textual import work
-from textual.widgets import ProgressBar
+from textual.widgets import Button, ProgressBar
 
 from rlhf.rows import Job
 from rlhf.store import Store
@@ -179,3 +179,31 @@ class JobScreen(WorkbenchScreen, Generic[Snap]):
         jobs.request(self.wb.store, job_id, action)
         self.notify(self.REQUESTED[action].format(id=job_id))
         self.app.call_from_thread(self.poll)
+
+
+class StartCancelScreen(JobScreen[Snap]):
+    """A job screen whose job is started and cancelled (keys s, c and the buttons
+    ``#{PREFIX}-start`` and ``#{PREFIX}-cancel``): the Train and DPO screens."""
+
+    PREFIX: ClassVar[str]
+
+    def job_config(self) -> dict[str, Any]:
+        """The config of a job started now, from the screen's controls."""
+        raise NotImplementedError
+
+    def action_start(self) -> None:
+        self.start(self.job_config())
+
+    def action_cancel(self) -> None:
+        self.request("cancel")
+
+    def show_buttons(self, job: Job | None) -> None:
+        """Start while no job runs, Cancel while one does."""
+        self.query_one(f"#{self.PREFIX}-cancel", Button).disabled = job is None or not job.active
+        self.query_one(f"#{self.PREFIX}-start", Button).disabled = job is not None and job.active
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == f"{self.PREFIX}-start":
+            self.action_start()
+        elif event.button.id == f"{self.PREFIX}-cancel":
+            self.action_cancel()

@@ -22,7 +22,7 @@ from rlhf.rows import Checkpoint, Job
 from rlhf.stats import rate_text
 from rlhf.store import Store
 from workbench.job_follow import Series
-from workbench.screens.job_screen import JobScreen, JobSnapshot
+from workbench.screens.job_screen import JobSnapshot, StartCancelScreen
 
 # Plotted series: (metric name, legend label), per plot.
 LOSS_SERIES = (("loss", "loss"),)
@@ -52,13 +52,14 @@ def length_check(meta: dict[str, Any]) -> str:
     return text
 
 
-class TrainScreen(JobScreen[Snapshot]):
+class TrainScreen(StartCancelScreen[Snapshot]):
     BINDINGS = [
         Binding("s", "start", "Start", tooltip="Start training a reward model on the recorded pairs"),
         Binding("c", "cancel", "Cancel", tooltip="Cancel the running training job (stops within one step)"),
         Binding("d", "disagreements", "Disagreements", tooltip="Labeled pairs the reward model gets wrong"),
     ]
     KIND = "reward"
+    PREFIX = "train"
     FIRST_STEP = -1
     IDLE = "no training job is running"
     BUSY = "job {job.id} is still {job.status}: cancel it first (c)"
@@ -87,10 +88,8 @@ class TrainScreen(JobScreen[Snapshot]):
                         pairs_labeled=stats["pairs_labeled"], pairs_imported=stats["pairs_imported"])
 
     def show(self, snap: Snapshot) -> None:
-        job = snap.job
         self.query_one("#train-status", Static).update(self.status_text(snap))
-        self.query_one("#train-cancel", Button).disabled = job is None or not job.active
-        self.query_one("#train-start", Button).disabled = job is not None and job.active
+        self.show_buttons(snap.job)
 
     def finished(self, job: Job, snap: Snapshot) -> None:
         if job.status == "done":
@@ -164,9 +163,6 @@ class TrainScreen(JobScreen[Snapshot]):
         return self.full_config({"reward": {"sources": self.query_one("#train-sources", Select).value,
                                             "epochs": None if epochs == AUTO else epochs}})
 
-    def action_start(self) -> None:
-        self.start(self.job_config())
-
     def launch(self, config: dict[str, Any]) -> None:
         from rlhf import jobs
         from rlhf.reward import check_pairs
@@ -177,16 +173,8 @@ class TrainScreen(JobScreen[Snapshot]):
         job_id = jobs.start_job(self.wb.store, "reward", job.to_dict())
         self.notify(f"started reward job {job_id}")
 
-    def action_cancel(self) -> None:
-        self.request("cancel")
-
     def action_disagreements(self) -> None:
         from workbench.screens.disagreements import DisagreementsScreen
 
         self.app.push_screen(DisagreementsScreen())
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "train-start":
-            self.action_start()
-        elif event.button.id == "train-cancel":
-            self.action_cancel()
