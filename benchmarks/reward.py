@@ -9,9 +9,15 @@ from rlhf.models.resolve_model_dir('embedded')), same LoRA shape (r 16, alpha 32
 dropout 0, all linear layers, plus a trained scalar head), same token sequences
 (our chat-template prompt + completion + EOS, handed to TRL pre-tokenized), same
 batch, accumulation, steps, learning rate and linear decay, and the same held-out
-prompts (split by prompt-text hash). Both in full precision (fp32 on CPU, the
-GPU's bf16/fp16 on CUDA), neither with gradient checkpointing (TRL turns it on by
-default; off here so both do the same arithmetic).
+prompts (split by prompt-text hash). Both in the device's compute dtype
+(rlhf.model_stack.compute_dtype: bf16 on a CPU that multiplies it natively, else
+fp32; the GPU's bf16/fp16 on CUDA), neither with gradient checkpointing (TRL turns
+it on by default; off here so both do the same arithmetic).
+
+Where ours saves: a pair's prompt is read once, its two answers after it
+(rlhf.shared_prompt), and short pairs share a row with a long one instead of
+being padded to it; TRL pads chosen and rejected, prompt and all, to the
+longest sequence of the batch.
 
 Pairs longer than --max-length tokens are left out before choosing --pairs of
 them, so neither trainer truncates anything.
@@ -127,6 +133,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     stack = load_stack(ModelOptions(source=resolve_model_dir("embedded"), quantize=False, device=args.device,
                                     lora=LoraSettings(**LORA)))
+    loaded = peak_memory(args.device)
     items = elements(args, stack.tokenizer)
     config = RewardConfig(finetune=True, readout="eos", layer=stack.depth, steps=args.steps, lr=LR,
                           batch_size=args.batch_size, accum=args.accum, eval_fraction=EVAL_FRACTION,
@@ -135,6 +142,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     result = train(stack, items, config, log=lambda step, metrics: stamps.append(time.perf_counter()))
     # The fine-tuning steps are the last ones logged; the stamp before them ends the head's fit.
     return {"seconds_per_step": per_step(stamps[-(args.steps + 1):]), "peak_bytes": peak_memory(args.device),
+            "loaded_bytes": loaded,
             "eval_accuracy": result.eval.accuracy, "eval_pairs": result.eval.n_pairs,
             "train_pairs": result.n_train}
 
@@ -167,6 +175,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
+    loaded = peak_memory(args.device)
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
@@ -193,7 +202,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         # TRL evaluates after training; its last step is not an evaluation step,
         # but per_step() drops it all the same, so both means cover the same steps.
         metrics = trainer.evaluate()
-    return {"seconds_per_step": per_step(stamps), "peak_bytes": peak_memory(args.device),
+    return {"seconds_per_step": per_step(stamps), "peak_bytes": peak_memory(args.device), "loaded_bytes": loaded,
             "eval_accuracy": metrics["eval_accuracy"], "eval_pairs": len(held_out), "train_pairs": len(train_items)}
 
 
@@ -234,10 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"reward-model training: {args.pairs} HH-harmless pairs ({ours['train_pairs']} train, "
           f"{ours['eval_pairs']} held out by prompt), {args.steps} steps x {args.batch_size} pairs x {args.accum} "
           f"accum, <= {args.max_length} tokens, {args.device}")
-    print(f"{'trainer':<8} {'s/step':>8} {'peak MiB':>9} {'held-out acc':>13} {'wall s':>7}")
+    print(f"{'trainer':<8} {'s/step':>8} {'loaded MiB':>11} {'peak MiB':>9} {'held-out acc':>13} {'wall s':>7}")
     for name, r in results.items():
-        print(f"{name:<8} {r['seconds_per_step']:>8.2f} {r['peak_bytes'] / 2**20:>9.0f} "
-              f"{r['eval_accuracy']:>13.3f} {r['wall_s']:>7.0f}")
+        print(f"{name:<8} {r['seconds_per_step']:>8.2f} {r['loaded_bytes'] / 2**20:>11.0f} "
+              f"{r['peak_bytes'] / 2**20:>9.0f} {r['eval_accuracy']:>13.3f} {r['wall_s']:>7.0f}")
     print(f"ratio time={ours['seconds_per_step'] / trl['seconds_per_step']:.2f} "
           f"memory={ours['peak_bytes'] / trl['peak_bytes']:.2f}")
 

@@ -201,12 +201,15 @@ class ModelStack:
         """Decoder layers of the base model."""
         return len(self.body.layers)
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: int | None = None) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: int | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states under the active adapter, in float32: after all decoder
         layers, or after the first ``layers`` only (then the final norm), which
-        costs that fraction of a forward pass."""
+        costs that fraction of a forward pass. ``attention_mask`` is a padding
+        mask [B, T], or a 4-D additive mask used as it is (with ``position_ids``)."""
         with self._first_layers(layers):
-            out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)
         return out.last_hidden_state.float()
 
     @contextmanager

@@ -19,7 +19,7 @@ import torch
 from rlhf.chat import chat_prompt_ids
 from rlhf.reward_config import Readout, default_layer
 from rlhf.reward_data import completion_tokens, join_prompt
-from rlhf.tokens import right_pad
+from rlhf.shared_prompt import pack_shared_prompts, pool_packed
 
 if TYPE_CHECKING:
     from rlhf.model_stack import ModelStack
@@ -28,25 +28,16 @@ if TYPE_CHECKING:
 ADAPTER = "reward"   # the stack's adapter (and head) that holds the reward model
 
 
-def pool(hidden: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
-    """[B, T, H] -> [B, H]: each row's EOS state (at ``last``), or the mean over its
-    completion's ``lengths`` tokens ending there (EOS included)."""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    if how == "eos":
-        return hidden[rows, last]
-    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    mask = ((positions <= last[:, None]) & (positions > (last - lengths)[:, None])).to(hidden.dtype)
-    return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-
-
 def features(stack: ModelStack, sequences: Sequence[Sequence[int]], lengths: Sequence[int],
              readout: Readout) -> torch.Tensor:
     """What the reward head reads for each sequence (prompt + completion ending in
-    EOS, ``lengths`` = completion tokens). Differentiable; runs under the active role."""
-    ids, mask, last = right_pad(sequences, stack.tokenizer.pad_token_id)
-    ids, mask, last = ids.to(stack.device), mask.to(stack.device), last.to(stack.device)
-    hidden = stack.hidden(ids, mask, layers=readout.layer)
-    return pool(hidden, last, torch.tensor(list(lengths), device=stack.device), readout.pool)
+    EOS, ``lengths`` = completion tokens). Differentiable; runs under the active role.
+    Neighbours with the same prompt share one row, the prompt read once
+    (rlhf.shared_prompt); the states are those of each sequence alone."""
+    packed = pack_shared_prompts(sequences, lengths, stack.tokenizer.pad_token_id)
+    hidden = stack.hidden(packed.ids.to(stack.device), packed.additive_mask(stack.dtype).to(stack.device),
+                          layers=readout.layer, position_ids=packed.positions.to(stack.device))
+    return pool_packed(hidden, packed, readout.pool)
 
 
 def raw_rewards(stack: ModelStack, sequences: Sequence[Sequence[int]], lengths: Sequence[int],

@@ -3,8 +3,8 @@ and reads log-probs back, in one place, so that every reader gets the same numbe
 
 - Padding. Prompts are left-padded, so generation continues from the right edge
   of every row and every completion starts at the same column; completions after
-  them are right-padded. The reward model's sequences are right-padded whole
-  (``right_pad`` says why). The pad token is never EOS (``rlhf.models.load_tokenizer``).
+  them are right-padded. The reward model packs its sequences instead, a
+  shared prompt once (``rlhf.shared_prompt``). The pad token is never EOS (``rlhf.models.load_tokenizer``).
 - Positions count from each row's first real token, as ``generate`` counts them
   for left-padded prompts (TRL's ``forward`` does the same), so a teacher-forced
   pass sees every token where sampling saw it.
