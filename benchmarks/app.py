@@ -1,6 +1,6 @@
 """Does the workbench answer the keyboard while a job trains on the same cores?
 
-    python benchmarks/app.py [--rounds 6] [--job reward|none] [--model embedded]
+    python benchmarks/app.py [--rounds 6] [--settle 0.5] [--job reward|none] [--model embedded]
 
 Drives the labeling screen with Textual's pilot (headless, the screen still laid
 out and rendered) on the embedded model, as a researcher uses it: the model
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -46,12 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=6, help="rounds of l l m m n p then a pick")
     p.add_argument("--job", choices=("reward", "none"), default="reward", help="what trains beside the app")
     p.add_argument("--model", default="embedded")
-    p.add_argument("--settle", type=float, default=0.5, help="seconds between key presses")
+    p.add_argument("--settle", type=float, default=0.5,
+                   help="seconds between key presses (0.5: a fast labeler, 4 s a prompt; 1.5: about 10 s)")
     return p.parse_args(argv)
 
 
 def rlhf(db: Path, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "rlhf", "--db", str(db), *args], check=True, cwd=ROOT,
+    subprocess.run([sys.executable, "-c", "import sys; from rlhf.cli import main; sys.exit(main())", "--db", str(db),
+                    *args], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
 
 
@@ -62,13 +65,21 @@ def start_job(db: Path) -> None:
          "--no-wait")
 
 
-def cancel_jobs(db: Path) -> None:
-    from rlhf.jobs import request
+def stop_jobs(db: Path) -> None:
+    """Cancel the job, and kill it if it has not stopped within a minute (it acts between steps)."""
+    import psutil
+
+    from rlhf.jobs import request, wait
     from rlhf.store import Store
 
     with Store(db) as store:
         for job in store.jobs(active=True):
             request(store, job.id, "cancel")
+            try:
+                wait(store, job.id, timeout_s=60)
+            except TimeoutError:
+                with contextlib.suppress(psutil.Error):
+                    psutil.Process(job.pid).kill()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -86,6 +97,8 @@ async def drive(db: Path, args: argparse.Namespace) -> tuple[dict[str, list[floa
 
     class TimedApp(WorkbenchApp):
         """The workbench, noting when each action finished and each update was painted."""
+
+        CSS_PATH = str(ROOT / "workbench" / "app.tcss")  # a relative CSS_PATH is read beside the subclass
 
         def __init__(self, *a, **k) -> None:
             super().__init__(*a, **k)
@@ -126,7 +139,7 @@ async def drive(db: Path, args: argparse.Namespace) -> tuple[dict[str, list[floa
     latencies: dict[str, list[float]] = {}
     ready: list[float] = []
     with Store(db) as store:
-        app = TimedApp(store, model=ModelOptions(source=args.model), labeler="bench")
+        app = TimedApp(store, model=ModelOptions(source=args.model), labeler="bench", idle_gc=True)
         async with app.run_test(size=SIZE) as pilot:
             started = time.perf_counter()
             screen = app.screen
@@ -167,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             latencies, ready, loaded = asyncio.run(drive(db, args))
         finally:
-            cancel_jobs(db)
+            stop_jobs(db)
     every = [v for values in latencies.values() for v in values]
     print(f"\nworkbench on {args.model}, {os.cpu_count()} cores, beside: "
           f"{'a reward job fine-tuning' if args.job == 'reward' else 'nothing'}")

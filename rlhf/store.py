@@ -425,6 +425,12 @@ class Store(Database):
 
     # -- summary
 
+    def labeled_pair_count(self) -> int:
+        """Training pairs from labels: a drift judgement or a repeated comparison
+        (rlhf.consistency) is not one. One query: the labeling screen asks after every key."""
+        return self._rows("SELECT COUNT(*) AS n FROM pairs p LEFT JOIN comparisons c ON c.id = p.comparison_id "
+                          "WHERE p.source = 'label' AND (c.purpose IS NULL OR c.purpose = 'preference')")[0]["n"]
+
     def stats(self) -> dict[str, Any]:
         def count(sql: str) -> int:
             return self._rows(sql)[0]["n"]
@@ -441,10 +447,7 @@ class Store(Database):
             "completions": count("SELECT COUNT(*) AS n FROM completions"),
             "comparisons": sum(kinds.values()),
             "comparisons_by_kind": kinds,
-            # Training pairs: a drift judgement or a repeated comparison (rlhf.consistency) is not one.
-            "pairs_labeled": count("SELECT COUNT(*) AS n FROM pairs p LEFT JOIN comparisons c ON c.id = "
-                                   "p.comparison_id WHERE p.source = 'label' AND (c.purpose IS NULL OR "
-                                   "c.purpose = 'preference')"),
+            "pairs_labeled": self.labeled_pair_count(),
             "pairs_imported": count("SELECT COUNT(*) AS n FROM pairs WHERE source != 'label'"),
             "policy_versions": [r.version for r in self.checkpoints("policy")],
             "reward_versions": [r.version for r in self.checkpoints("reward")],

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, db_path: Path) -> int:
     pick_device(model.device)  # --device cuda without a GPU: one line now, not an error on screen later
     with Store(db_path) as store, AppLock(store.path):
         quiet_libraries()
-        app = WorkbenchApp(store, k=args.k, labeler=args.labeler, model=model,
+        app = WorkbenchApp(store, k=args.k, labeler=args.labeler, model=model, idle_gc=True,
                            **({} if args.repeat_every is None else {"repeat_every": args.repeat_every}))
         app.run()
     return app.return_code or 0

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from textual import work
+from textual import events, work
 from textual.app import App
 from textual.binding import Binding
 from textual.reactive import reactive
@@ -31,6 +31,7 @@ from rlhf.prompts import load_sample_prompts
 from rlhf.sampling_params import SamplingParams
 from rlhf.store import Store
 from workbench.commands import WorkbenchCommands
+from workbench.idle_gc import EVERY_S, IdleCollector, freeze_long_lived
 from workbench.messages import AgreementMeasured, ModelFailed, ModelLoaded, ModelStatus, PolicySwitched
 from workbench.model_host import ModelHost, Sampler
 from workbench.screens.dialogs import ExportDialog, ExportRequest, ImportDialog, ImportRequest, VersionPicker
@@ -88,14 +89,17 @@ class WorkbenchApp(App[None]):
                  sampling_params: SamplingParams | None = None, policy_version: int | None = None,
                  rng: random.Random | None = None, load_samples: bool = True,
                  job_defaults: Mapping[str, Mapping[str, Any]] | None = None,
-                 drift_params: SamplingParams | None = None, repeat_every: int = REPEAT_EVERY) -> None:
+                 drift_params: SamplingParams | None = None, repeat_every: int = REPEAT_EVERY,
+                 idle_gc: bool = False) -> None:
         """``model`` (rlhf.models.ModelOptions) is loaded in a worker; a ready
         ``stack`` or a ``sampler`` (tests: a fake) skips loading.
         ``policy_version`` None means the latest trained policy, else the base.
         ``job_defaults`` (per job kind: 'reward', 'ppo', 'dpo') go over the config of
         the jobs the screens start, ``drift_params`` answer the drift probes
         (tests make both tiny). Every ``repeat_every`` labels an earlier comparison
-        comes back unannounced (rlhf.consistency; 0: never)."""
+        comes back unannounced (rlhf.consistency; 0: never). ``idle_gc``: once
+        the model is loaded, full garbage collections wait for a pause in the
+        input (workbench/idle_gc.py)."""
         super().__init__()
         if not 2 <= k <= 6:
             raise UserError(f"--k {k} is out of range: show 2 to 6 completions per prompt")
@@ -107,6 +111,8 @@ class WorkbenchApp(App[None]):
         self.model_host = ModelHost(store, k, notify=self.notify, options=model, stack=stack, sampler=sampler,
                                     sampling_params=sampling_params, policy_version=policy_version)
         self.sub_title = str(store.path)
+        # The process's collector is the app's to tune only when it runs alone (`workbench`), not under tests.
+        self._idle_gc = IdleCollector() if idle_gc else None
         self._add_modes(job_defaults or {}, drift_params)
         self._samples_added = load_sample_prompts(self.store) if load_samples else 0
         self.set_reactive(WorkbenchApp.policy_version, self.model_host.policy_version)
@@ -128,6 +134,11 @@ class WorkbenchApp(App[None]):
 
     # -- start-up
 
+    async def on_event(self, event: events.Event) -> None:
+        if self._idle_gc is not None and isinstance(event, (events.Key, events.MouseDown)):
+            self._idle_gc.touched()
+        await super().on_event(event)
+
     def on_mount(self) -> None:
         if self._samples_added:
             self.notify(f"First run: loaded {self._samples_added} sample prompts", timeout=4)
@@ -144,6 +155,9 @@ class WorkbenchApp(App[None]):
         self.model_status = message.text
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
+        if self._idle_gc is not None:
+            freeze_long_lived()
+            self.set_interval(EVERY_S, self._idle_gc.maybe_collect)
         self.policy_version = self.model_host.policy_version
         self.model_status = f"model ready in {message.seconds:.1f} s"
         self.model_state = "ready"

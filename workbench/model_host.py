@@ -15,6 +15,7 @@ would trample each other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -88,8 +89,22 @@ def _worker_cancelled() -> bool:
         return False
 
 
+# Model work runs below the event loop's priority (per thread, on Linux): it
+# otherwise takes the loop's turn on the cores, and a key press waits for the
+# next token (benchmarks/app.py). The threads torch starts for its matrix work
+# are made from the first such worker, the model's loading, and inherit it.
+MODEL_THREAD_NICENESS = 5
+
+
+def _below_the_event_loop(work: Callable[[], None]) -> None:
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: the same work, unniced
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MODEL_THREAD_NICENESS)
+    work()
+
+
 def _in_thread(requester: DOMNode, work: Callable[[], None], group: str, exclusive: bool = False) -> Worker[None]:
-    return requester.run_worker(work, thread=True, group=group, exclusive=exclusive, exit_on_error=False)
+    return requester.run_worker(partial(_below_the_event_loop, work), thread=True, group=group, exclusive=exclusive,
+                                exit_on_error=False)
 
 
 class ModelHost:

@@ -1,5 +1,9 @@
-"""A line that shows long work is under way: a moving bar, what is happening,
-and for how long. Used while the model loads and while completions are sampled."""
+"""A line that shows long work is under way: a turning mark, what is happening,
+and for how long. Used while the model loads and while completions are sampled.
+
+Not Textual's indeterminate ProgressBar: it repaints 15 times a second, and on
+two cores shared with sampling and a training job each repaint took the event
+loop from the keyboard (benchmarks/app.py). The mark turns with the seconds, twice a second."""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import time
 from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.timer import Timer
-from textual.widgets import Label, ProgressBar
+from textual.widgets import Label
+
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
 
 class Activity(Horizontal):
@@ -22,9 +28,8 @@ class Activity(Horizontal):
         self._timer: Timer | None = None
 
     def compose(self) -> ComposeResult:
-        # total=None: an indeterminate bar. Neither loading nor generate reports
-        # a fraction done, and a bar that pretends to know would lie.
-        yield ProgressBar(total=None, show_percentage=False, show_eta=False)
+        # No fraction done: neither loading nor generate reports one, and a bar
+        # that pretends to know would lie.
         yield Label("", classes="activity-text")
 
     def on_mount(self) -> None:
@@ -38,7 +43,6 @@ class Activity(Horizontal):
         self._text = text
         self._started = time.monotonic()
         self.remove_class("-failed")
-        self.query_one(ProgressBar).display = True
         self.display = True
         if self._timer is None:
             self._timer = self.set_interval(0.5, self._tick)
@@ -55,7 +59,6 @@ class Activity(Horizontal):
     def fail(self, text: str) -> None:
         self._stop_timer()
         self.add_class("-failed")
-        self.query_one(ProgressBar).display = False
         self.query_one(".activity-text", Label).update(text)
         self.display = True
 
@@ -66,4 +69,5 @@ class Activity(Horizontal):
 
     def _tick(self) -> None:
         elapsed = time.monotonic() - self._started
-        self.query_one(".activity-text", Label).update(f"{elapsed:3.0f} s  {self._text}")
+        mark = SPINNER[int(elapsed * 2) % len(SPINNER)]
+        self.query_one(".activity-text", Label).update(f"{mark} {elapsed:3.0f} s  {self._text}")
