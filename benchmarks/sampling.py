@@ -77,11 +77,9 @@ def _ours(config: str, device: str, k: int, new_tokens: int):
     stack = load_stack(options)
     load_s = time.perf_counter() - start
     stack.fast_sampling = fast
-    # Force full-length completions so every configuration generates the same work.
-    stack.peft.generation_config.min_new_tokens = new_tokens
-
     def generate(length: int) -> int:
-        [row] = sample_k(stack, [PROMPT], k, SamplingParams(max_new_tokens=length, seed=0))
+        # Full-length completions, so that every configuration generates the same work.
+        [row] = sample_k(stack, [PROMPT], k, SamplingParams(max_new_tokens=length, seed=0), min_new_tokens=length)
         return sum(s.n_tokens for s in row)
 
     return generate, load_s, stack.precision

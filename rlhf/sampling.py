@@ -1,4 +1,5 @@
-"""Sampling K completions per prompt in one batched ``generate``.
+"""Sampling K completions per prompt in one batch (the token loop is rlhf.decode;
+a prompt shared by its K rows is read once).
 
 Prompts go through the model's chat template and are left-padded (generation
 continues from the right edge of every row). The pad token differs from EOS, so
@@ -19,7 +20,8 @@ import torch
 from rlhf.chat import chat_prompt_ids
 from rlhf.model_stack import ModelStack
 from rlhf.sampling_params import SamplingParams  # noqa: F401  (re-exported: the definition lives there)
-from rlhf.tokens import left_pad, logprobs_from_logits
+from rlhf.decode import sample_continuations
+from rlhf.tokens import left_pad
 
 
 @dataclass
@@ -51,10 +53,12 @@ class Sample:
 
 @torch.no_grad()
 def generate(stack: ModelStack, prompt_rows: Sequence[Sequence[int]], params: SamplingParams,
-             role: str = "policy", should_stop: Callable[[], bool] | None = None) -> list[Sample]:
-    """Sample one completion per row of prompt ids, batched. ``should_stop`` is
-    asked after every token; when it says True, generation ends early (the app
-    quitting mid-sample) and the samples are cut short: discard them."""
+             role: str = "policy", should_stop: Callable[[], bool] | None = None,
+             min_new_tokens: int = 0) -> list[Sample]:
+    """Sample one completion per row of prompt ids, batched (rlhf.decode). ``should_stop``
+    is asked after every token; when it says True, generation ends early (the app
+    quitting mid-sample) and the samples are cut short: discard them.
+    ``min_new_tokens`` holds EOS back (benchmarks: the same work every run)."""
     tok = stack.tokenizer
     eos, pad = tok.eos_token_id, tok.pad_token_id
     samples: list[Sample] = []
@@ -64,17 +68,12 @@ def generate(stack: ModelStack, prompt_rows: Sequence[Sequence[int]], params: Sa
         ids, mask = ids.to(stack.device), mask.to(stack.device)
         model = stack.sampling_model(role)
         with stack.role(role) if model is stack.peft else nullcontext():
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True,
-                temperature=params.temperature, top_p=params.top_p, top_k=0,
-                max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                output_logits=True, return_dict_in_generate=True,
-                stopping_criteria=_stop_when(should_stop),
-            )
-        new = out.sequences[:, ids.shape[1]:]
-        # Raw logits / temperature: the distribution the token was drawn from
-        # before top-p truncation, as PPO recomputes it (DESIGN.md).
-        logp = logprobs_from_logits(torch.stack(out.logits, dim=1), new, params.temperature)
+            # Log-probs from raw logits / temperature: the distribution the token was
+            # drawn from before top-p truncation, as PPO recomputes it (DESIGN.md).
+            new, logp = sample_continuations(
+                model, ids, mask, temperature=params.temperature, top_p=params.top_p,
+                max_new_tokens=params.max_new_tokens, eos=eos, pad=pad, should_stop=should_stop,
+                min_new_tokens=min_new_tokens)
         for row, prompt in enumerate(chunk):
             token_ids = new[row].tolist()
             if eos in token_ids:
@@ -93,8 +92,9 @@ def generate(stack: ModelStack, prompt_rows: Sequence[Sequence[int]], params: Sa
 
 
 def sample_k(stack: ModelStack, prompts: Sequence[str], k: int, params: SamplingParams | None = None,
-             role: str = "policy", should_stop: Callable[[], bool] | None = None) -> list[list[Sample]]:
-    """K completions for each prompt, all in batched ``generate`` calls.
+             role: str = "policy", should_stop: Callable[[], bool] | None = None,
+             min_new_tokens: int = 0) -> list[list[Sample]]:
+    """K completions for each prompt, all in batched calls of ``generate``.
     Returns one list of K samples per prompt, in prompt order."""
     params = params or SamplingParams()
     if k < 1:
@@ -102,22 +102,9 @@ def sample_k(stack: ModelStack, prompts: Sequence[str], k: int, params: Sampling
     if params.seed is not None:
         torch.manual_seed(params.seed)
     rows = [chat_prompt_ids(stack.tokenizer, p) for p in prompts]
-    flat = generate(stack, [r for r in rows for _ in range(k)], params, role=role, should_stop=should_stop)
+    flat = generate(stack, [r for r in rows for _ in range(k)], params, role=role, should_stop=should_stop,
+                    min_new_tokens=min_new_tokens)
     return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
-
-
-def _stop_when(should_stop: Callable[[], bool] | None) -> Any:
-    """A transformers StoppingCriteriaList that ends every row once ``should_stop()``."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    if should_stop is None:
-        return None
-
-    class _Stop(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([_Stop()])
 
 
 Sampler = Callable[[Sequence[str], int], list[list[Sample]]]

@@ -28,9 +28,10 @@ class SamplingParams:
     temperature: float = 0.7
     top_p: float = 1.0
     max_new_tokens: int = 64
-    # Sequences per generate call. On a CPU a batch of 64 draws about twice the
-    # tokens per second of a batch of 16 (103 against 57, embedded model, 64 new
-    # tokens); it holds 64 x 64 x 49k logits, about 0.8 GB, until the batch ends.
+    # Sequences per call of the sampling loop (rlhf.decode). On a CPU a batch of
+    # 64 draws about twice the tokens per second of a batch of 16 (103 against 57,
+    # embedded model, 64 new tokens, measured with generate); the loop holds one
+    # step's logits at a time, 64 x 49k.
     batch_size: int = 64
     seed: int | None = None
 
