@@ -21,7 +21,7 @@ NO_AUTOMATIC_FULL_PASS = 1_000_000  # gen-1 collections between full passes: nev
 
 
 def freeze_long_lived() -> None:
-    """Call once the model is loaded (any thread): freeze what exists, hand full passes to ``IdleCollector``."""
+    """Call once the model is loaded: freeze what exists, hand full passes to ``IdleCollector``."""
     gc.freeze()
     young, middle, _full = gc.get_threshold()
     gc.set_threshold(young, middle, NO_AUTOMATIC_FULL_PASS)

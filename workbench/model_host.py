@@ -91,8 +91,9 @@ def _worker_cancelled() -> bool:
 
 # Model work runs below the event loop's priority (per thread, on Linux): it
 # otherwise takes the loop's turn on the cores, and a key press waits for the
-# next token (benchmarks/app.py). The threads torch starts for its matrix work
-# are made from the first such worker, the model's loading, and inherit it.
+# next token (benchmarks/app.py). This is the worker's own thread, which does its
+# share of each matrix product; torch's pool threads keep their priority (checked
+# in /proc: they do not inherit it).
 MODEL_THREAD_NICENESS = 5
 
 
