@@ -14,8 +14,11 @@ memory for K completions of one prompt, on the CPU and on CUDA when present:
 - ours through the training path (the peft model, LoRA branches and 4-bit
   dequantization at every token), as it sampled before the inference copy.
 
-Each configuration runs in its own process so peak memory is its own. The last
-line is ``ratio tokens_per_s=<ours, default settings / plain generate>`` on the CPU.
+Each configuration runs in its own process so peak memory is its own, and all of
+them once a round, ``--rounds`` times: tokens per second is each one's median
+over the rounds, since this machine's speed drifts by a fifth from minute to
+minute. The last lines are each round's ratio and
+``ratio tokens_per_s=<ours, default settings / plain generate>`` on the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -116,7 +120,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls in each process")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="passes over all configurations, one after another; figures are their medians "
+                             "(this machine's speed drifts from minute to minute)")
     parser.add_argument("--one", nargs=2, metavar=("CONFIG", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -127,25 +134,31 @@ def main() -> None:
     import torch
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = []
-    for device in devices:
-        for config in (PLAIN, *OURS):
-            cmd = [sys.executable, __file__, "--k", str(args.k), "--new-tokens", str(args.new_tokens),
-                   "--repeats", str(args.repeats), "--one", config, device]
-            out = subprocess.run(cmd, capture_output=True, text=True,
-                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            if out.returncode != 0:
-                print(out.stderr[-2000:], file=sys.stderr)
-                raise SystemExit(f"benchmark run failed: {' '.join(cmd)}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"K={args.k} completions x {args.new_tokens} new tokens, SmolLM2-135M-Instruct, {args.repeats} repeats, "
-          f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _round in range(args.rounds):
+        for device in devices:
+            for config in (PLAIN, *OURS):
+                cmd = [sys.executable, __file__, "--k", str(args.k), "--new-tokens", str(args.new_tokens),
+                       "--repeats", str(args.repeats), "--one", config, device]
+                out = subprocess.run(cmd, capture_output=True, text=True,
+                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                if out.returncode != 0:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(f"benchmark run failed: {' '.join(cmd)}")
+                runs.setdefault((device, config), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = [{**results[0], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in results),
+             "s_per_call": statistics.median(r["s_per_call"] for r in results)} for results in runs.values()]
+    print(f"K={args.k} completions x {args.new_tokens} new tokens, SmolLM2-135M-Instruct, {args.repeats} repeats "
+          f"in each of {args.rounds} rounds (medians), torch {torch.__version__}, {os.cpu_count()} CPU cores")
     print(f"{'device':<6} {'configuration':<26} {'precision':<26} {'load s':>7} {'tok/s':>8} {'s/call':>7} "
           f"{'peak RSS MB':>12} {'peak GPU MB':>12}")
     for r in rows:
         gpu = f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] is not None else "-"
         print(f"{r['device']:<6} {r['config']:<26} {r['precision']:<26} {r['load_s']:>7.2f} "
               f"{r['tokens_per_s']:>8.1f} {r['s_per_call']:>7.2f} {r['peak_rss_mb']:>12.0f} {gpu:>12}")
+    each = [ours["tokens_per_s"] / plain["tokens_per_s"]
+            for ours, plain in zip(runs[("cpu", next(iter(OURS)))], runs[("cpu", PLAIN)])]
+    print("ratio in each round: " + " ".join(f"{r:.2f}" for r in each))
     cpu = {r["config"]: r["tokens_per_s"] for r in rows if r["device"] == "cpu"}
     print(f"ratio tokens_per_s={cpu[next(iter(OURS))] / cpu[PLAIN]:.2f}")
 
