@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from rlhf.tokens import position_ids
+
 
 class Decoded(NamedTuple):
     tokens: torch.Tensor     # [B, T] sampled ids; pad after a row's EOS
@@ -64,20 +66,17 @@ def sample_continuations(model: Any, ids: torch.Tensor, attention: torch.Tensor,
 
     rows = ids.shape[0]
     padded = bool((attention == 0).any())
-    # Positions count real tokens (rlhf.tokens.position_ids), as generate counts them.
-    positions = (attention.cumsum(1) - 1).clamp(min=0)
     cache = {cache_keyword(model): DynamicCache()}  # filled in place, token by token
     # K answers to one prompt: read the prompt once, then give each answer its copy.
     distinct, copy_of = torch.unique(ids, dim=0, return_inverse=True)
-    first = ids if len(distinct) == rows else distinct
-    attention_first = attention if len(distinct) == rows else attention[_first_rows(copy_of, len(distinct))]
-    out = model(input_ids=first, attention_mask=attention_first if padded else None,
-                position_ids=(attention_first.cumsum(1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1,
-                **cache)
-    if len(distinct) < rows:
+    shared = len(distinct) < rows
+    first = _first_rows(copy_of, len(distinct)) if shared else slice(None)
+    out = model(input_ids=ids[first], attention_mask=attention[first] if padded else None,
+                position_ids=position_ids(attention[first]), use_cache=True, logits_to_keep=1, **cache)
+    if shared:
         next(iter(cache.values())).reorder_cache(copy_of)
         out.logits = out.logits[copy_of]
-    next_position = positions[:, -1:] + 1
+    next_position = position_ids(attention)[:, -1:] + 1
     tokens, logprobs = [], []
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     for step in range(max_new_tokens):

@@ -32,10 +32,6 @@ class PackedRows:
     start: torch.Tensor       # [S] the column its completion starts at
     length: torch.Tensor      # [S] its completion's tokens (its last one is at start + length - 1)
 
-    @property
-    def tokens(self) -> int:
-        return int(self.ids.numel())
-
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """[R, 1, T, T]: 0 where attention is allowed, the dtype's lowest value elsewhere
         (what both the eager and the SDPA attention of transformers add to the scores)."""
