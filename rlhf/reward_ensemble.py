@@ -12,6 +12,8 @@ and when a policy leaves what the labels cover (Coste et al. 2023, arXiv 2310.02
 The heads train in lockstep, one full-batch Adam step an epoch for all of them
 ([sequences, heads] rewards in one matrix product), until every head has gone
 ``patience`` epochs without a better out-of-bag loss; each keeps its best state.
+A single head stopped on a held-out split (``--ensemble 1``, and under
+``--finetune``) is the same loop with one head whose bag is the training split.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from rlhf.reward_config import Readout, RewardConfig
 from rlhf.reward_data import Element, prompt_bucket
 from rlhf.reward_loss import Comparisons, PairEval
 from rlhf.reward_scoring import batched_features
-from rlhf.reward_train import Phase, linear_decay, planned_epochs
+from rlhf.reward_schedule import Phase, linear_decay, planned_epochs
 
 if TYPE_CHECKING:
     from rlhf.model_stack import ModelStack
@@ -69,31 +71,56 @@ def fit_ensemble(stack: ModelStack, elements: Sequence[Element], readout: Readou
     x = batched_features(stack, layout.sequences, layout.lengths, readout, config.batch_size * 4)
     counts = bootstrap_counts(elements, config.ensemble, config.seed)
     weight, bias, phase = fit_heads(x, layout, counts, config, log, checkpoint)
-    with torch.no_grad():
-        stack.set_reward_heads(config.ensemble)
-        stack.reward_head.weight.copy_(weight.T.to(stack.reward_head.weight))
-        stack.reward_head.bias.copy_(bias.to(stack.reward_head.bias))
+    _install_heads(stack, weight, bias)
     return phase, int((counts == 0).any(0).sum())
+
+
+def fit_split_head(stack: ModelStack, train: Sequence[Element], held_out: Sequence[Element], readout: Readout,
+                   config: RewardConfig, log: Callable[[int, dict[str, float]], None],
+                   checkpoint: Callable[[], None]) -> Phase:
+    """One head stopped on a held-out split (``--ensemble 1``, and the head a
+    fine-tuning starts from): ``fit_heads`` with a single head whose bag is the
+    training split, so its out-of-bag elements are the held-out ones. Under a
+    fine-tuning it always stops early: a fixed --epochs or --steps is the adapter's."""
+    layout = Comparisons([*train, *held_out], config.best_of_k)
+    x = batched_features(stack, layout.sequences, layout.lengths, readout, config.batch_size * 4)
+    counts = torch.cat([torch.ones(len(train)), torch.zeros(len(held_out))])[None]
+    weight, bias, phase = fit_heads(x, layout, counts, config, log, checkpoint,
+                                    early=config.early_stopping or config.finetune)
+    _install_heads(stack, weight, bias)
+    return phase
+
+
+@torch.no_grad()
+def _install_heads(stack: ModelStack, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Raw-feature weight [features, heads] and bias [heads] into the stack's reward head."""
+    stack.set_reward_heads(weight.shape[1])
+    stack.reward_head.weight.copy_(weight.T.to(stack.reward_head.weight))
+    stack.reward_head.bias.copy_(bias.to(stack.reward_head.bias))
 
 
 def fit_heads(x: torch.Tensor, layout: Comparisons, counts: torch.Tensor, config: RewardConfig,
               log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
-              checkpoint: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, torch.Tensor, Phase]:
+              checkpoint: Callable[[], None] = lambda: None,
+              early: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, Phase]:
     """Heads on features ``x`` [sequences, features] laid out by ``layout``, head h
     weighting element e ``counts[h, e]`` times (0: out of its bag). Returns weight
     [features, heads] and bias [heads] that read raw features (the standardization
-    the training used is folded in), and the phase, its eval out-of-bag."""
+    the training used is folded in), and the phase, its eval out-of-bag. ``early``
+    (default: no fixed epochs or steps) stops each head where its out-of-bag loss
+    was best: gradient descent from zero stopped early regularizes like an L2 penalty."""
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6) if len(x) > 1 else torch.ones(x.shape[1])
     z = (x - mean) / std
     n = counts.shape[0]
     left_out = counts == 0
     has_oob = left_out.any(1)                                          # heads with something to stop on
+    in_bag = (counts > 0).any(0)                                       # elements some head trains on
     weight = torch.zeros(x.shape[1], n, requires_grad=True)
     bias = torch.zeros(n, requires_grad=True)
     epochs = planned_epochs(config, bool(has_oob.any()), "head")
     optimizer = torch.optim.Adam([weight, bias], lr=config.setting("lr", "head"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_decay(s, epochs))
-    early = config.early_stopping and bool(has_oob.any())
+    early = (config.early_stopping if early is None else early) and bool(has_oob.any())
     patience = config.setting("patience", "head")
     best_loss = torch.full((n,), float("inf"))
     best_epoch = torch.zeros(n, dtype=torch.long)
@@ -111,7 +138,7 @@ def fit_heads(x: torch.Tensor, layout: Comparisons, counts: torch.Tensor, config
         scheduler.step()
         with torch.no_grad():
             rewards = z @ weight + bias
-            margins = layout.margins(rewards.mean(1))
+            margins = layout.margins(rewards.mean(1))[in_bag[layout.pair_element]]
             metrics = {"loss": per_head.mean().item(), "accuracy": (margins > 0).float().mean().item(),
                        "margin": margins.mean().item(), "lr": lr, "epoch": float(epoch)}
             if has_oob.any():

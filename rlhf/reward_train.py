@@ -24,8 +24,10 @@ from rlhf.errors import UserError
 from rlhf.reward_config import Readout, RewardConfig
 from rlhf.reward_data import Element, batches, split_by_prompt
 from rlhf.reward_eval import evaluate_elements
+from rlhf.reward_ensemble import fit_ensemble, fit_split_head
 from rlhf.reward_loss import Comparisons, PairEval
-from rlhf.reward_scoring import ADAPTER, batched_features, raw_rewards
+from rlhf.reward_schedule import Phase, linear_decay, planned_epochs
+from rlhf.reward_scoring import ADAPTER, raw_rewards
 
 if TYPE_CHECKING:
     from rlhf.model_stack import ModelStack
@@ -41,27 +43,6 @@ class TrainResult:
     best_step: int = 0         # the step whose state was kept
     stopped_early: bool = False
     readout: Readout | None = None
-
-
-# With nothing held out there is nothing to stop on: this many fine-tuning epochs
-# (the head: a tenth of its most).
-EPOCHS_WITHOUT_HELD_OUT = 4
-
-
-def linear_decay(step: int, total: int) -> float:
-    """LR multiplier: 1 at the first step, decaying linearly towards 0 (lm-human-preferences)."""
-    return max(0.0, 1.0 - step / total)
-
-
-def planned_epochs(config: RewardConfig, has_held_out: bool, phase: str = "finetune") -> int:
-    """Epochs to plan for: the fixed number, else the most early stopping may use."""
-    configured = "finetune" if config.finetune else "head"
-    if phase == configured and config.epochs is not None:
-        return config.epochs
-    if phase == configured and config.steps is not None and phase == "head":
-        return config.steps  # the head takes one step an epoch
-    most = config.setting("max_epochs", phase)
-    return most if has_held_out else min(most, EPOCHS_WITHOUT_HELD_OUT if phase == "finetune" else most // 10)
 
 
 def steps_per_epoch(n_train: int, config: RewardConfig) -> int:
@@ -120,72 +101,6 @@ class BestState:
     def restore(self) -> None:
         for p, saved in zip(self.params, self._saved):
             p.copy_(saved)
-
-
-@dataclass
-class Phase:
-    """What one phase of training did."""
-
-    steps: int
-    epochs: float
-    eval: PairEval
-    best_step: int
-    stopped_early: bool
-
-
-def fit_head(stack: ModelStack, train: Comparisons, held_out: Comparisons, readout: Readout,
-             config: RewardConfig, log: Callable[[int, dict[str, float]], None],
-             checkpoint: Callable[[], None]) -> Phase:
-    """The reward head alone on the features of the (frozen) base: the features
-    are computed once, then every epoch is one full-batch Adam step on the head,
-    standardized features in, so thousands of epochs take seconds. Early stopping
-    on the held-out loss stands in for a weight penalty (gradient descent from zero
-    stopped early regularizes like L2). The standardization is folded into the
-    head at the end, so the saved head reads raw features."""
-    x_train = batched_features(stack, train.sequences, train.lengths, readout, config.batch_size * 4)
-    x_held = batched_features(stack, held_out.sequences, held_out.lengths, readout, config.batch_size * 4)
-    mean, std = x_train.mean(0), x_train.std(0).clamp(min=1e-6) if len(x_train) > 1 else torch.ones(x_train.shape[1])
-    z_train, z_held = (x_train - mean) / std, (x_held - mean) / std
-    weight = torch.zeros(x_train.shape[1], requires_grad=True)
-    bias = torch.zeros(1, requires_grad=True)
-    epochs = planned_epochs(config, bool(held_out.elements), "head")
-    optimizer = torch.optim.Adam([weight, bias], lr=config.setting("lr", "head"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_decay(s, epochs))
-    early = config.early_stopping or config.finetune  # a head under a fine-tuning always stops early
-    best = BestState([weight, bias], config.setting("patience", "head")) if early and held_out.elements else None
-    result, stop, epoch = PairEval(float("nan"), float("nan"), 0), False, 0
-    for epoch in range(1, epochs + 1):
-        checkpoint()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.zero_grad(set_to_none=True)
-        rewards = z_train @ weight + bias
-        loss = train.loss(rewards)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            margins = train.margins(rewards.detach())
-            metrics = {"loss": loss.item(), "accuracy": (margins > 0).float().mean().item(),
-                       "margin": margins.mean().item(), "lr": lr, "epoch": float(epoch)}
-            if held_out.elements:
-                result = held_out.evaluate(z_held @ weight + bias)
-                metrics.update({"eval/accuracy": result.accuracy, "eval/margin": result.margin,
-                                "eval/loss": result.loss})
-                stop = best is not None and best.observe(epoch, result)
-        log(epoch, metrics)
-        if stop:
-            break
-    kept = epoch
-    if best is not None and best.eval is not None:
-        best.restore()
-        result, kept = best.eval, best.step
-    with torch.no_grad():
-        stack.set_reward_heads(1)
-        head = stack.reward_head
-        w = (weight / std).to(head.weight)
-        head.weight.copy_(w[None])
-        head.bias.copy_((bias - (w.cpu() * mean).sum()).to(head.bias))
-    return Phase(steps=epoch, epochs=float(epoch), eval=result, best_step=kept, stopped_early=stop)
 
 
 def finetune_step(stack: ModelStack, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Sequence[Element]],
@@ -273,9 +188,6 @@ def train(stack: ModelStack, elements: Sequence[Element], config: RewardConfig, 
     torch.manual_seed(config.seed)
     stack.ensure_adapter(ADAPTER)
     if config.heads > 1:
-        # Imported here: rlhf.reward_ensemble builds on this module's Phase and schedule.
-        from rlhf.reward_ensemble import fit_ensemble
-
         set_total(planned_epochs(config, True, "head"))
         bagged, judged = fit_ensemble(stack, elements, readout, config, log, checkpoint)
         return TrainResult(steps=bagged.steps, eval=bagged.eval, n_train=len(elements), n_eval=judged,
@@ -287,8 +199,7 @@ def train(stack: ModelStack, elements: Sequence[Element], config: RewardConfig, 
                                    planned_epochs(config, bool(held_out), "finetune")))
                     if config.finetune else 0)
     set_total(head_epochs + tuning_steps)
-    head = fit_head(stack, Comparisons(train_set, config.best_of_k), Comparisons(held_out, config.best_of_k),
-                    readout, config, log, checkpoint)
+    head = fit_split_head(stack, train_set, held_out, readout, config, log, checkpoint)
     last = head
     if config.finetune:
         last = finetune(stack, train_set, held_out, readout, config, head, log, checkpoint, head.steps + 1)
