@@ -1,18 +1,26 @@
 """Which comparison to label next: as added, at random, or where the reward model
 is least sure (active learning).
 
-A solo researcher's labels are the scarcest thing in the loop. The reward
-ensemble (rlhf.reward_ensemble) says where it is unsure: for a set of K answers,
-each head's Bradley–Terry rewards give a distribution over which answer is best,
-softmax(r_h); the heads disagree where the labels so far do not settle it. The
-uncertainty of a set is the mutual information between the pick and the head,
-H(mean_h p_h) − mean_h H(p_h) (BALD, Houlsby et al. 2011): high where the heads
-confidently disagree, low where they agree, and low for a set all heads find a
-toss-up (answers alike, such as four without the thing the taste is about),
-which a label would not settle either. Ordering by it is the ensemble-based
-active learning of Dwaracherla et al. 2024 (arXiv 2402.00396) and Muldrew et al.
-2024 (arXiv 2402.08114).
+A solo researcher's labels are the scarcest thing in the loop. For a set of K
+answers, the reward model (the ensemble's mean, rlhf.reward_ensemble) gives a
+distribution over which answer is best, softmax(r); its entropy is how unsure the
+model is of the pick (uncertainty sampling, Lewis & Gale 1994; the ensemble-based
+active learning of Dwaracherla et al. 2024, arXiv 2402.00396, and Muldrew et al.
+2024, arXiv 2402.08114). The uncertain order takes every other label where that
+entropy is highest and the others at random: a queue of the model's doubts alone
+follows its blind spots and leaves the bulk of the data unlabeled (the sampling
+bias of Dasgupta & Hsu 2008), and the labels the reward model trains on should
+still look like the data it will score.
+
+Measured with ``benchmarks/active.py`` (HH answer pairs, the "you/your" taste, held
+-out accuracy over 586 pairs, 16 seeds): this order and random order are level
+(0.758 against 0.752 at 40 labels, 0.790 against 0.785 at 80); neither is twice
+as efficient. The heads' disagreement (BALD, the mutual information between the
+pick and the head), the first measure tried, did worse than random at 80 labels
+(0.769 against 0.780, 8 seeds): it sought sets the taste calls a tie (40% of its
+labels against 29% at random), which train nothing.
 """
+
 
 from __future__ import annotations
 
@@ -34,17 +42,13 @@ ORDERS: tuple[str, ...] = get_args(Order)
 
 
 def pick_uncertainty(rewards: torch.Tensor) -> float:
-    """[K, heads] raw rewards of one set -> the mutual information (nats) between
-    which answer is best and which head is asked (0 for a single head)."""
+    """[K, heads] raw rewards of one set -> the entropy (nats) of which answer the
+    reward model, the heads' mean, picks as best: log K for answers it scores alike,
+    towards 0 where one stands out."""
     import torch
 
-    p = torch.softmax(rewards.float(), dim=0)                 # each head's distribution over the K
-    mean = p.mean(1)
-
-    def entropy(q: torch.Tensor) -> torch.Tensor:
-        return -(q * q.clamp_min(1e-12).log()).sum(0)
-
-    return float(entropy(mean) - entropy(p).mean())
+    p = torch.softmax(rewards.float().mean(1), dim=0)
+    return float(-(p * p.clamp_min(1e-12).log()).sum())
 
 
 def set_uncertainties(scorer: RewardScorer, sets: Sequence[tuple[str, Sequence[Completion]]]) -> list[float]:
@@ -67,14 +71,38 @@ def set_uncertainties(scorer: RewardScorer, sets: Sequence[tuple[str, Sequence[C
 def ordered(items: Sequence[object], order: str, *, uncertainty: Sequence[float] | None = None,
             seed: int = 0) -> list[int]:
     """Indices of ``items`` in the order asked: as given ('added'), shuffled by
-    ``seed`` ('random'), or most uncertain first ('uncertain', ties as given)."""
+    ``seed`` ('random'), or 'uncertain': the most uncertain and the next of the
+    random order by turns (``interleave``)."""
     if order not in ORDERS:
         raise UserError(f"unknown order {order!r}: use one of {', '.join(ORDERS)}")
     index = list(range(len(items)))
+    if order == "added":
+        return index
+    shuffled = index[:]
+    random.Random(seed).shuffle(shuffled)
     if order == "random":
-        random.Random(seed).shuffle(index)
-    elif order == "uncertain":
-        if uncertainty is None:
-            raise UserError("ordering by uncertainty needs a reward model: train one first (`rlhf train-reward`)")
-        index.sort(key=lambda i: -uncertainty[i])
-    return index
+        return shuffled
+    if uncertainty is None:
+        raise UserError("ordering by uncertainty needs a reward model: train one first (`rlhf train-reward`)")
+    return interleave(sorted(index, key=lambda i: -uncertainty[i]), shuffled)
+
+
+def interleave(unsure_first: Sequence[int], shuffled: Sequence[int]) -> list[int]:
+    """Every index once: the first not yet taken of ``unsure_first``, then of
+    ``shuffled``, by turns (even positions by doubt, odd ones at random)."""
+    out: list[int] = []
+    taken: set[int] = set()
+    sources = [iter(unsure_first), iter(shuffled)]
+    while len(out) < len(unsure_first):
+        for i in sources[len(out) % 2]:
+            if i not in taken:
+                taken.add(i)
+                out.append(i)
+                break
+    return out
+
+
+def by_doubt_now(labeled_in_order: int) -> bool:
+    """Whether the next label of the uncertain order goes by doubt (else at random),
+    after ``labeled_in_order`` labels in that order: the turns of ``interleave``."""
+    return labeled_in_order % 2 == 0

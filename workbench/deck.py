@@ -9,8 +9,8 @@ be read, and tested, on their own:
   yet, or one where a set of the current version waits (a PPO iteration's
   rollouts queued for labeling: label what the policy produces now). The order of
   what comes next is a setting (``order``): as added, random, or uncertain
-  first (prompts whose waiting set the reward ensemble is least sure of, from
-  ``uncertainty``; the rest as added).
+  (by turns, the prompt whose waiting set the reward model is least sure of,
+  from ``uncertainty``, and the next in the random order: rlhf.label_order).
 - A prompt shows K completions of the current policy version (or, with
   ``best_of``, K of its best-of-N picks). The latest K in
   the store are reused (a reopened workbench does not resample what it already
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 
-from rlhf.label_order import ORDERS
+from rlhf.label_order import ORDERS, by_doubt_now
 from rlhf.rows import Completion, Prompt
 from rlhf.store import Store
 
@@ -44,6 +44,7 @@ class Deck:
         self.order = "added"
         self.uncertainty: dict[int, float] = {}   # prompt id -> the ensemble's doubt about its waiting set
         self._random_key: dict[int, float] = {}   # the 'random' order, drawn once per prompt
+        self._labeled_in_order = 0                # labels since the order was set: whose turn it is
         self.reload()
         to_label = [pid for pid in self.prompt_ids if self._to_label(pid)]
         self.current_id = to_label[0] if to_label else (self.prompt_ids[0] if self.prompt_ids else None)
@@ -74,6 +75,8 @@ class Deck:
 
     def mark_labeled(self, prompt_id: int, labeled: bool = True) -> None:
         if labeled:
+            if prompt_id in self._unlabeled or prompt_id in self._waiting:
+                self._labeled_in_order += 1
             self._unlabeled.discard(prompt_id)
             self._waiting.discard(prompt_id)
         else:
@@ -110,7 +113,7 @@ class Deck:
     def set_order(self, order: str) -> None:
         if order not in ORDERS:
             raise ValueError(f"unknown order {order!r}")
-        self.order = order
+        self.order, self._labeled_in_order = order, 0
 
     def next_unlabeled(self) -> int | None:
         """The next unlabeled prompt by the order; None when every other prompt is
@@ -119,14 +122,16 @@ class Deck:
         start = self.position
         waiting = [pid for offset in range(1, n + 1)
                    if self._to_label(pid := self.prompt_ids[(start + offset) % n]) and pid != self.current_id]
-        if self.order == "random" and waiting:
+        if self.order == "uncertain":
+            known = [pid for pid in waiting if pid in self.uncertainty]
+            if not known:  # no reward model's word yet: as added
+                return waiting[0] if waiting else None
+            if by_doubt_now(self._labeled_in_order):
+                return max(known, key=self.uncertainty.__getitem__)
+        if self.order != "added" and waiting:  # random, or the uncertain order's random turn
             for pid in waiting:
                 self._random_key.setdefault(pid, self.rng.random())
             return min(waiting, key=self._random_key.__getitem__)
-        if self.order == "uncertain":
-            known = [pid for pid in waiting if pid in self.uncertainty]
-            if known:
-                return max(known, key=self.uncertainty.__getitem__)
         return waiting[0] if waiting else None
 
     def waiting_sets(self) -> list[tuple[int, list[Completion]]]:

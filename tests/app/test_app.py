@@ -641,7 +641,7 @@ async def test_the_import_dialog_names_a_path_that_is_not_there(store, tmp_path)
     assert store.pairs() == []
 
 
-async def test_the_order_key_cycles_and_uncertain_first_takes_the_least_sure_next(store):
+async def test_the_order_key_cycles_and_the_uncertain_order_takes_the_least_sure_next(store):
     from workbench.messages import UncertaintyMeasured
     from workbench.widgets.status_line import StatusLine
 
@@ -651,9 +651,9 @@ async def test_the_order_key_cycles_and_uncertain_first_takes_the_least_sure_nex
         first = screen.shown_prompt_id
         await pilot.press("o", "o")
         assert screen.deck.order == "random" and "order random" in str(screen.query_one(StatusLine).render())
-        await pilot.press("o", "o")              # round to uncertain first: no reward model yet, said so
+        await pilot.press("o", "o")              # round to uncertain: no reward model yet, said so
         assert screen.deck.order == "uncertain"
-        assert "order uncertain first" in str(screen.query_one(StatusLine).render())
+        assert "order uncertain" in str(screen.query_one(StatusLine).render())
         others = [pid for pid in screen.deck.prompt_ids if pid != first]
         screen.post_message(UncertaintyMeasured({others[0]: 0.1, others[-1]: 0.9}))
         await wait_for(pilot, lambda: screen.deck.uncertainty)

@@ -35,7 +35,7 @@ MAX_K = 6
 # Below this many columns the completions stack vertically: four columns of
 # fewer than 25 characters are harder to read than one scrolled column.
 NARROW_COLUMNS = 100
-ORDER_NAMES = {"added": "as added", "random": "random", "uncertain": "uncertain first"}
+ORDER_NAMES = {"added": "as added", "random": "random", "uncertain": "uncertain"}
 
 
 class LabelScreen(LabelKeys, LabelSampling):
@@ -271,7 +271,7 @@ class LabelScreen(LabelKeys, LabelSampling):
         self.deck.set_order(order)
         if order == "uncertain":
             if not self.wb.model_host.reward_available:
-                self.notify("uncertain first needs a reward model: train one (F2); until then, as added",
+                self.notify("the uncertain order needs a reward model: train one (F2); until then, as added",
                             severity="warning", timeout=4)
             else:
                 self.wb.model_host.measure_uncertainty(self, self.deck.waiting_sets())
