@@ -115,8 +115,10 @@ def answer_pair(stack: Any, prompt: str, params: Any) -> DriftPair:
     if version is None:
         raise UserError("no policy version loaded for the drift view: pick one first")
     prompt_ids = chat_prompt_ids(stack.tokenizer, prompt)
-    ref = generate(stack, [prompt_ids], params, role="base")[0]
-    pol = generate(stack, [prompt_ids], params, role=DRIFT_ADAPTER)[0]
+    # The role the sampling copy holds answers first: one merge a pair, not two.
+    answer = {role: generate(stack, [prompt_ids], params, role=role)[0]
+              for role in stack.sampling_order(["base", DRIFT_ADAPTER])}
+    ref, pol = answer["base"], answer[DRIFT_ADAPTER]
     rows = [ref.token_ids or [stack.tokenizer.eos_token_id], pol.token_ids or [stack.tokenizer.eos_token_id]]
     under_policy = teacher_forced_logprobs(stack, DRIFT_ADAPTER, prompt_ids, rows, params.temperature)
     under_ref = teacher_forced_logprobs(stack, "base", prompt_ids, rows, params.temperature)

@@ -75,6 +75,11 @@ class InferenceCopy:
             self.key = key
         return self.model
 
+    def holds(self, role: str) -> bool:
+        """Whether the copy has that role's adapter merged now (its values may
+        still have changed since: ``for_role`` checks those)."""
+        return self.key is not None and self.key[0] == adapter_for(self.stack, role)
+
     def _layers(self) -> list[tuple[nn.Module, Any]]:
         """(copy's linear layer, the base's LoRA layer) pairs: what adapters change."""
         from peft.tuners.lora import LoraLayer

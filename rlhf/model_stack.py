@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -195,6 +195,13 @@ class ModelStack:
         if self._inference_copy is None:
             self._inference_copy = InferenceCopy(self)
         return self._inference_copy.for_role(role)
+
+    def sampling_order(self, roles: Sequence[str]) -> list[str]:
+        """``roles`` in the order that merges the inference copy least: the role it
+        holds now first (a switch merges every LoRA layer again, 0.1-0.4 s on the
+        embedded model on a CPU)."""
+        copy = self._inference_copy
+        return sorted(roles, key=lambda role: not copy.holds(role)) if copy is not None else list(roles)
 
     @property
     def depth(self) -> int:

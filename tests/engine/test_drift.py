@@ -209,3 +209,20 @@ def test_a_kl_to_another_reference_is_not_put_beside_kls_to_the_base(store, tmp_
     assert rows["v1"].kl == 0.0 and rows["v1"].kl_source.startswith("the batch it was trained on")
     assert rows["v2"].kl is None and rows["v2"].kl_source == "not to the base: its session measured KL to v1"
     assert rows["v3"].kl is None and rows["v2"].reward == 0.6
+
+
+def test_pairs_after_the_first_merge_the_sampling_copy_once_each(tiny_dir, store, trained_version, monkeypatch):
+    from rlhf.inference_copy import InferenceCopy
+    from rlhf.model_options import ModelOptions
+    from rlhf.models import load_stack
+
+    stack = load_stack(ModelOptions(source=tiny_dir, quantize=False, device="cpu", dtype="float32"))
+    assert stack.fast_sampling
+    load_drift_version(stack, store, trained_version)
+    merged: list[str | None] = []
+    merge = InferenceCopy.merge
+    monkeypatch.setattr(InferenceCopy, "merge", lambda copy, adapter: (merged.append(adapter), merge(copy, adapter)))
+    params = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=4)
+    pairs = [answer_pair(stack, "Name a colour.", params) for _ in range(3)]
+    assert merged == [None, "drift", None, "drift"]     # the base and the version, then one switch a pair
+    assert all(p.reference.policy_version == 0 and p.policy.policy_version == trained_version for p in pairs)
