@@ -35,9 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rank all K where the rule tells them all apart (all C(K,2) pairs), else pick the best")
     p.add_argument("--limit", type=at_least(1), default=None, help="at most this many comparisons")
     p.add_argument("--order", choices=ORDERS, default="added",
-                   help="which to label first, with --limit: as added (default), random, or uncertain (where the "
-                        "latest reward model's ensemble disagrees most)")
-    p.add_argument("--seed", type=int, default=0, help="the shuffle of --order random")
+                   help="which to label first, with --limit: as added (default), random, or uncertain (by turns "
+                        "where the latest reward model is least sure and at random)")
+    p.add_argument("--seed", type=int, default=0, help="the shuffle of --order random (and of uncertain's random turns)")
     add_model_options(p)
     p.set_defaults(func=cmd_label)
 
