@@ -20,7 +20,10 @@ heads' disagreement (BALD, the mutual information between the pick and the head)
 the first measure used, reached 0.750 and 0.769: it sought sets the taste calls a
 tie (40% of its labels, against 29% at random), which train nothing. The heads'
 spread of the margin, expected gradient length, density weighting, a diverse batch
-and a random start before the doubts came out within the same ±0.02.
+and a random start before the doubts came out within the same ±0.02; so did
+optimism (the set whose best answer scores highest, mean plus spread: 18% ties,
+ahead at 20 labels, 0.726 against 0.689, level from 40 on). On these features the
+held-out accuracy climbs slowly past 40 labels whichever labels they are.
 """
 
 from __future__ import annotations
