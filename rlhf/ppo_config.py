@@ -45,8 +45,13 @@ class PPOConfig:
                                                "(leave-one-out baseline over --rloo-k samples per prompt)")
     rloo_k: int = setting(4, help="rloo: samples per prompt (the batch size must be a multiple)")
     # -- rollouts
-    # lm-human-preferences: 512 episodes; CPU-sized here.
-    batch_size: int = setting(16, help="episodes per iteration")
+    # lm-human-preferences: 512 episodes; CPU-sized here. 32, not 16: an iteration
+    # costs ~60 s instead of ~45 on two cores, but the gradient follows the reward
+    # more than the noise of a few answers. Measured on the loop benchmark (same
+    # labels and seed, KL budget 10): "you/your" seed 1 0.724 win-rate at 8.6 nats
+    # against 0.555 at 6.6 with 16 (30 iterations); digits seed 0 0.809 at 9.3
+    # against 0.695 at 8.9.
+    batch_size: int = setting(32, help="episodes per iteration")
     # The whole batch per optimizer step: with 16 episodes, steps on 4 followed the
     # noise of a few answers. Measured on the loop benchmark (bf16, same labels and
     # seed, with lr 2e-4 below): digits 0.742 win-rate at 9.6 nats against 0.649 at

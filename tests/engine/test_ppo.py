@@ -437,7 +437,7 @@ def test_cli_options_are_ppoconfigs_fields_and_only_the_given_ones_are_set(capsy
     with pytest.raises(SystemExit):
         build_parser().parse_args(["ppo", "--help"])
     help_text = capsys.readouterr().out
-    assert "episodes per iteration (default 16)" in help_text  # the default, from the dataclass
+    assert "episodes per iteration (default 32)" in help_text  # the default, from the dataclass
     assert "--kl-horizon" in help_text and "--kl_horizon" not in help_text
 
 
