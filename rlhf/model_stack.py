@@ -200,8 +200,8 @@ class ModelStack:
         """``roles`` in the order that merges the inference copy least: the role it
         holds now first (a switch merges every LoRA layer again, 0.1-0.4 s on the
         embedded model on a CPU)."""
-        copy = self._inference_copy
-        return sorted(roles, key=lambda role: not copy.holds(role)) if copy is not None else list(roles)
+        held = self._inference_copy
+        return sorted(roles, key=lambda role: not held.holds(role)) if held is not None else list(roles)
 
     @property
     def depth(self) -> int:
