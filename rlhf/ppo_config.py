@@ -50,7 +50,7 @@ class PPOConfig:
     # more than the noise of a few answers. Measured on the loop benchmark (same
     # labels and seed, KL budget 10): "you/your" seed 1 0.724 win-rate at 8.6 nats
     # against 0.555 at 6.6 with 16 (30 iterations); digits seed 0 0.809 at 9.3
-    # against 0.695 at 8.9.
+    # against 0.695 at 8.9; "you/your" seed 0 0.787 at 8.5 against 0.773 at 11.6.
     batch_size: int = setting(32, help="episodes per iteration")
     # The whole batch per optimizer step: with 16 episodes, steps on 4 followed the
     # noise of a few answers. Measured on the loop benchmark (bf16, same labels and
