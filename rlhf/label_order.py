@@ -98,7 +98,7 @@ def interleave(unsure_first: Sequence[int], shuffled: Sequence[int]) -> list[int
     taken: set[int] = set()
     sources = [iter(unsure_first), iter(shuffled)]
     while len(out) < len(unsure_first):
-        for i in sources[len(out) % 2]:
+        for i in sources[0 if by_doubt_now(len(out)) else 1]:
             if i not in taken:
                 taken.add(i)
                 out.append(i)

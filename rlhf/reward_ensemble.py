@@ -67,11 +67,8 @@ def fit_ensemble(stack: ModelStack, elements: Sequence[Element], readout: Readou
     """Train ``config.ensemble`` heads on every element into the stack's reward
     head; returns the phase (its eval out-of-bag) and how many elements the
     out-of-bag figure judged."""
-    layout = Comparisons(elements, config.best_of_k)
-    x = batched_features(stack, layout.sequences, layout.lengths, readout, config.batch_size * 4)
     counts = bootstrap_counts(elements, config.ensemble, config.seed)
-    weight, bias, phase = fit_heads(x, layout, counts, config, log, checkpoint)
-    _install_heads(stack, weight, bias)
+    phase = _fit_into_stack(stack, elements, counts, readout, config, log, checkpoint)
     return phase, int((counts == 0).any(0).sum())
 
 
@@ -82,21 +79,24 @@ def fit_split_head(stack: ModelStack, train: Sequence[Element], held_out: Sequen
     fine-tuning starts from): ``fit_heads`` with a single head whose bag is the
     training split, so its out-of-bag elements are the held-out ones. Under a
     fine-tuning it always stops early: a fixed --epochs or --steps is the adapter's."""
-    layout = Comparisons([*train, *held_out], config.best_of_k)
-    x = batched_features(stack, layout.sequences, layout.lengths, readout, config.batch_size * 4)
     counts = torch.cat([torch.ones(len(train)), torch.zeros(len(held_out))])[None]
-    weight, bias, phase = fit_heads(x, layout, counts, config, log, checkpoint,
-                                    early=config.early_stopping or config.finetune)
-    _install_heads(stack, weight, bias)
+    return _fit_into_stack(stack, [*train, *held_out], counts, readout, config, log, checkpoint,
+                           early=config.early_stopping or config.finetune)
+
+
+def _fit_into_stack(stack: ModelStack, elements: Sequence[Element], counts: torch.Tensor, readout: Readout,
+                    config: RewardConfig, log: Callable[[int, dict[str, float]], None],
+                    checkpoint: Callable[[], None], early: bool | None = None) -> Phase:
+    """``fit_heads`` on the elements' features, the heads put into the stack's
+    reward head (raw features in, so scoring needs no standardization)."""
+    layout = Comparisons(elements, config.best_of_k)
+    x = batched_features(stack, layout.sequences, layout.lengths, readout, config.batch_size * 4)
+    weight, bias, phase = fit_heads(x, layout, counts, config, log, checkpoint, early)
+    with torch.no_grad():
+        stack.set_reward_heads(weight.shape[1])
+        stack.reward_head.weight.copy_(weight.T.to(stack.reward_head.weight))
+        stack.reward_head.bias.copy_(bias.to(stack.reward_head.bias))
     return phase
-
-
-@torch.no_grad()
-def _install_heads(stack: ModelStack, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    """Raw-feature weight [features, heads] and bias [heads] into the stack's reward head."""
-    stack.set_reward_heads(weight.shape[1])
-    stack.reward_head.weight.copy_(weight.T.to(stack.reward_head.weight))
-    stack.reward_head.bias.copy_(bias.to(stack.reward_head.bias))
 
 
 def fit_heads(x: torch.Tensor, layout: Comparisons, counts: torch.Tensor, config: RewardConfig,
