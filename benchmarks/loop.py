@@ -6,10 +6,12 @@
 For each rule (a known taste, rlhf.rules), on a fresh database and the embedded
 model, exactly as a user would run it with the `rlhf` command line:
 
-1. sample K = 4 completions for each of the first N training prompts
+1. sample K = 4 completions for each training prompt
    (sample_prompts/default.jsonl): `rlhf sample`;
-2. label them by the rule, best of 4 (a tie where the top is shared):
-   `rlhf label --rule RULE`, at most N comparisons;
+2. label them by the rule, best of 4 (a tie where all 4 score the same), until
+   ``--labels`` comparisons have a preference: `rlhf label --rule RULE --decided N`.
+   A tie trains nothing, so where ties leave the budget short, every prompt is
+   sampled again (another seed) and labeled on, up to ``--rounds`` times;
 3. train a reward model on those labels: `rlhf train-reward --sources label`;
 4. run a session against it from the base: `rlhf ppo --wait`, once per
    estimator in ``--algorithms`` (the same labels and reward model for each),
@@ -55,7 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rules", nargs="+", default=list(RULES), help="rules to run the loop for")
-    p.add_argument("--prompts", type=int, default=60, help="training prompts, one comparison each (default 60)")
+    p.add_argument("--prompts", type=int, default=60, help="training prompts (default 60)")
+    p.add_argument("--labels", type=int, default=60,
+                   help="comparisons with a preference to label; ties are labeled too but not counted (default 60)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="times to sample every prompt at most, to reach --labels past the ties (default 4)")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--iterations", type=int, default=30, help="PPO iterations at most (default 30)")
     p.add_argument("--kl-budget", type=float, default=10.0, metavar="NATS",
@@ -79,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(n < 2 for n in args.best_of):
         p.error("--best-of: each N must be at least 2")
     if args.quick:
-        args.prompts, args.iterations, args.eval_prompts = 8, 2, 4
+        args.prompts, args.labels, args.iterations, args.eval_prompts = 8, 8, 2, 4
     return args
 
 
@@ -117,8 +123,17 @@ def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
     stage("set-up", "prompts", "add", str(train_file))
     seed = ["--seed", str(args.seed)]
     budget = ["--kl-budget", str(args.kl_budget)] if args.kl_budget else []
-    stage("sample", "sample", "--k", str(args.k), *seed, *shlex.split(args.sample_args))
-    stage("label", "label", "--rule", rule, "--k", str(args.k), "--limit", str(args.prompts))
+    decided = 0
+    for round in range(args.rounds):
+        # Another seed each round, or the same answers would be sampled again.
+        stage("sample", "sample", "--k", str(args.k), "--seed", str(args.seed + 1000 * round),
+              *(["--all"] if round else []), *shlex.split(args.sample_args))
+        stage("label", "label", "--rule", rule, "--k", str(args.k), "--decided", str(args.labels - decided))
+        with Store(db) as store:
+            kinds = store.stats()["comparisons_by_kind"]
+        decided = kinds.get("best", 0) + kinds.get("ranking", 0)
+        if decided >= args.labels:
+            break
     stage("reward", "train-reward", "--sources", "label", *seed, *shlex.split(args.reward_args))
     with Store(db) as store:
         reward, stats = store.checkpoint("reward").meta, store.stats()

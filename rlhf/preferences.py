@@ -73,14 +73,18 @@ def undo_last_label(store: Store, *, labeler: str | None = None,
 
 
 def label_by_rule(store: Store, rule: Rule, *, k: int = 4, rank: bool = False, limit: int | None = None,
-                  order: str = "added", scorer: RewardScorer | None = None, seed: int = 0) -> Counter[str]:
+                  decided: int | None = None, order: str = "added", scorer: RewardScorer | None = None,
+                  seed: int = 0) -> Counter[str]:
     """Label pending comparisons (``Store.pending_sets``) as a labeler with the
     rule's taste would: the best of K (every one that shares the top, where
     not all K do), a tie where all score the same, or with ``rank`` a full
     ranking where all K differ. Recorded as ordinary comparisons by the labeler
     ``rule:NAME``. With ``limit``, which ones: the first in ``order``
     (rlhf.label_order: as added, at random, or where ``scorer``'s ensemble is
-    least sure). Returns how many labels of each kind."""
+    least sure). With ``decided``, label in that order until this many have a
+    preference (best or ranking): the ties met on the way are recorded too but
+    not counted, since a tie trains nothing; the budget a labeler's informative
+    labels set. Returns how many labels of each kind."""
     pending = store.pending_sets(k)
     uncertainty = None
     if order == "uncertain" and scorer is not None:
@@ -91,4 +95,6 @@ def label_by_rule(store: Store, rule: Rule, *, k: int = 4, rank: bool = False, l
         verdict = judge([rule(c.text, c.token_ids or (), c.finish_reason == "eos") for c in shown], rank=rank)
         record_label(store, prompt_id, [c.id for c in shown], verdict.kind, verdict.choice, labeler=rule.labeler)
         kinds[verdict.kind] += 1
+        if decided is not None and kinds["best"] + kinds["ranking"] >= decided:
+            break
     return kinds

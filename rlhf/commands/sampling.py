@@ -33,10 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=at_least(2), default=4, help="completions per comparison, as sampled (default 4)")
     p.add_argument("--rank", action="store_true",
                    help="rank all K where the rule tells them all apart (all C(K,2) pairs), else pick the best")
-    p.add_argument("--limit", type=at_least(1), default=None, help="at most this many comparisons")
+    limit = p.add_mutually_exclusive_group()
+    limit.add_argument("--limit", type=at_least(1), default=None, help="at most this many comparisons")
+    limit.add_argument("--decided", type=at_least(1), default=None, metavar="N",
+                       help="label until N comparisons have a preference (a best or a ranking); the ties met on "
+                            "the way are recorded but not counted, since a tie trains nothing")
     p.add_argument("--order", choices=ORDERS, default="added",
-                   help="which to label first, with --limit: as added (default), random, or uncertain (by turns "
-                        "where the latest reward model is least sure and at random)")
+                   help="which to label first, with --limit or --decided: as added (default), random, or uncertain "
+                        "(by turns where the latest reward model is least sure and at random)")
     p.add_argument("--seed", type=int, default=0, help="the shuffle of --order random (and of uncertain's random turns)")
     add_model_options(p)
     p.set_defaults(func=cmd_label)
@@ -91,8 +95,8 @@ def cmd_label(args: argparse.Namespace) -> int:
                 raise UserError("--order uncertain needs a reward model to ask: train one first "
                                 "(`rlhf train-reward`), or use --order added")
             scorer = load_scorer(load_stack(model_options(args), progress=say), store)
-        kinds = label_by_rule(store, rule, k=args.k, rank=args.rank, limit=args.limit, order=args.order,
-                              scorer=scorer, seed=args.seed)
+        kinds = label_by_rule(store, rule, k=args.k, rank=args.rank, limit=args.limit, decided=args.decided,
+                              order=args.order, scorer=scorer, seed=args.seed)
         pairs = len(store.pairs(labeler=rule.labeler))
     done = sum(kinds.values())
     parts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))

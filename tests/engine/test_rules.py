@@ -97,6 +97,16 @@ def test_scripted_labeler_records_the_comparisons_the_rule_implies(store):
     assert label_by_rule(store, rule, k=4) == {}  # labeled sets are not labeled twice
 
 
+def test_a_budget_of_decided_labels_counts_no_ties(store):
+    sets = [add_set(store, f"p{i}", texts) for i, texts in enumerate(
+        [["a", "b", "c", "d"], ["banana", "x", "y", "z"], ["e", "f", "g", "h"], ["x", "banana", "y", "z"],
+         ["banana", "q", "r", "s"]])]
+    kinds = label_by_rule(store, parse_rule("contains=banana"), k=4, decided=2)
+    assert kinds == {"tie": 2, "best": 2}   # the ties met on the way are labeled, not counted
+    assert [c.completion_ids for c in store.comparisons(purpose="preference")] == sets[:4]
+    assert [[c.id for c in s] for _, s in store.pending_sets(4)] == [sets[4]]
+
+
 def test_pending_sets_are_one_sampling_call_each(store):
     one = add_set(store, "p", ["a", "b", "c", "d", "e", "f", "g", "h"])   # two sets of 4 in a row
     other_version = add_set(store, "p", ["x", "y"], version=1)
@@ -123,5 +133,11 @@ def test_label_command_labels_and_says_what_it_did(capsys, cli_db):
     assert main(["--db", str(cli_db), "label", "--rule", "contains=banana"]) == 0
     out = capsys.readouterr().out
     assert "labeled 2 comparisons as rule:contains=banana (1 best, 1 tie); 3 pairs" in out
+    with Store(cli_db) as store:
+        add_set(store, "p3", ["no", "no", "no", "no"])
+        add_set(store, "p4", ["no", "banana", "no", "no"])
+        add_set(store, "p5", ["banana", "no", "no", "no"])
+    assert main(["--db", str(cli_db), "label", "--rule", "contains=banana", "--decided", "1"]) == 0
+    assert "labeled 2 comparisons as rule:contains=banana (1 best, 1 tie); 6 pairs" in capsys.readouterr().out
     assert main(["--db", str(cli_db), "label", "--rule", "nonsense"]) == 2
     assert "unknown rule 'nonsense'" in capsys.readouterr().err
