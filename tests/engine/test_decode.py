@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf.chat import chat_prompt_ids
-from rlhf.decode import sample_continuations, top_p_filter
+from rlhf.decode import draw, sample_continuations, top_p_filter
 from rlhf.tokens import left_pad
 
 
@@ -17,6 +17,16 @@ def test_top_p_keeps_what_transformers_keeps(top_p):
     scores = torch.randn(6, 500, generator=torch.Generator().manual_seed(0)) * 3
     expected = TopPLogitsWarper(top_p)(None, scores.clone()) if top_p < 1 else scores
     assert torch.equal(torch.isinf(top_p_filter(scores.clone(), top_p)), torch.isinf(expected))
+
+
+def test_draw_follows_each_rows_distribution_and_never_draws_a_zero():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 5 + [1.0]])
+    torch.manual_seed(0)
+    drawn = torch.stack([draw(probs) for _ in range(20000)])
+    assert drawn[:, 1].eq(0).all() and drawn[:, 2].eq(5).all()
+    counts = torch.bincount(drawn[:, 0], minlength=6) / len(drawn)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts, probs[0], atol=0.015)  # 20000 draws: 3.5 standard errors of 0.5
 
 
 def test_each_sampled_token_has_the_log_prob_of_its_row_read_alone(tiny_stack):
@@ -50,8 +60,11 @@ def test_rows_end_at_eos_and_the_loop_at_the_last_or_when_told(tiny_stack):
     eos, pad = tok.eos_token_id, tok.pad_token_id
     ids, mask = left_pad([chat_prompt_ids(tok, "Hi")] * 3, pad)
     model = tiny_stack.sampling_model("policy")
-    with torch.no_grad():
-        model.lm_head.weight[eos] += 50.0  # EOS first: every row ends at once
+    def eos_first(_module, _args, logits):  # every row ends at once, whatever the hidden state
+        logits[..., eos] += 50.0
+        return logits
+
+    hook = model.lm_head.register_forward_hook(eos_first)
     try:
         out = sample_continuations(model, ids, mask, temperature=1.0, top_p=1.0, max_new_tokens=8, eos=eos, pad=pad)
         assert out.tokens.tolist() == [[eos]] * 3
@@ -59,8 +72,7 @@ def test_rows_end_at_eos_and_the_loop_at_the_last_or_when_told(tiny_stack):
                                     pad=pad, min_new_tokens=3)
         assert held.tokens.shape[1] == 4 and (held.tokens[:, :3] != eos).all() and (held.tokens[:, 3] == eos).all()
     finally:
-        with torch.no_grad():
-            model.lm_head.weight[eos] -= 50.0
+        hook.remove()
     asked = []
     cut = sample_continuations(model, ids, mask, temperature=1.0, top_p=1.0, max_new_tokens=8, eos=eos, pad=pad,
                                min_new_tokens=8, should_stop=lambda: asked.append(1) or len(asked) >= 2)
