@@ -139,5 +139,8 @@ def test_label_command_labels_and_says_what_it_did(capsys, cli_db):
         add_set(store, "p5", ["banana", "no", "no", "no"])
     assert main(["--db", str(cli_db), "label", "--rule", "contains=banana", "--decided", "1"]) == 0
     assert "labeled 2 comparisons as rule:contains=banana (1 best, 1 tie); 6 pairs" in capsys.readouterr().out
+    assert main(["--db", str(cli_db), "label", "--rule", "contains=banana", "--decided", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "labeled 1 comparisons" in out and "only 1 of the 2 asked for have a preference" in err
     assert main(["--db", str(cli_db), "label", "--rule", "nonsense"]) == 2
     assert "unknown rule 'nonsense'" in capsys.readouterr().err
