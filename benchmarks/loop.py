@@ -124,10 +124,10 @@ def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
     seed = ["--seed", str(args.seed)]
     budget = ["--kl-budget", str(args.kl_budget)] if args.kl_budget else []
     decided = 0
-    for round in range(args.rounds):
+    for n in range(args.rounds):
         # Another seed each round, or the same answers would be sampled again.
-        stage("sample", "sample", "--k", str(args.k), "--seed", str(args.seed + 1000 * round),
-              *(["--all"] if round else []), *shlex.split(args.sample_args))
+        stage("sample", "sample", "--k", str(args.k), "--seed", str(args.seed + 1000 * n),
+              *(["--all"] if n else []), *shlex.split(args.sample_args))
         stage("label", "label", "--rule", rule, "--k", str(args.k), "--decided", str(args.labels - decided))
         with Store(db) as store:
             kinds = store.stats()["comparisons_by_kind"]
