@@ -1,7 +1,7 @@
 """The whole loop, headless, with a scripted labeler: does the policy learn the taste?
 
     python benchmarks/loop.py [--rules RULE ...] [--algorithms ppo rloo] [--best-of 4 16]
-                              [--prompts 60] [--iterations N] [--kl-budget NATS] [--seed S] [--quick]
+                              [--prompts 60] [--labels 60] [--iterations N] [--kl-budget NATS] [--seed S] [--quick]
 
 For each rule (a known taste, rlhf.rules), on a fresh database and the embedded
 model, exactly as a user would run it with the `rlhf` command line:
