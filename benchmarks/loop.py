@@ -106,6 +106,7 @@ def rlhf(db: Path, *argv: str) -> str:
 
 def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
     from rlhf.prompts import bundled_prompt_file, read_prompt_file
+    from rlhf.rows import count_decided
     from rlhf.store import Store
 
     db = folder / "loop.db"
@@ -131,7 +132,7 @@ def run_rule(rule: str, args: argparse.Namespace, folder: Path) -> dict:
         stage("label", "label", "--rule", rule, "--k", str(args.k), "--decided", str(args.labels - decided))
         with Store(db) as store:
             kinds = store.stats()["comparisons_by_kind"]
-        decided = kinds.get("best", 0) + kinds.get("ranking", 0)
+        decided = count_decided(kinds)
         if decided >= args.labels:
             break
     stage("reward", "train-reward", "--sources", "label", *seed, *shlex.split(args.reward_args))

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 
 from rlhf.preferences import pairs_for_label
-from rlhf.rows import Comparison
+from rlhf.rows import DECIDED_KINDS, Comparison
 from rlhf.store import Store
 
 PURPOSE = "repeat"
@@ -51,7 +51,7 @@ def pick_repeat(store: Store, labeler: str, rng: random.Random) -> Comparison | 
     labels = [c for c in store.comparisons(purpose="preference") if c.labeler == labeler]
     # All but the last NOT_THE_LAST; with fewer labels than that, the first alone (never the very last).
     older = labels[:len(labels) - NOT_THE_LAST] or labels[:1][:len(labels) - 1]
-    mine = [c for c in older if c.kind in ("best", "ranking")]
+    mine = [c for c in older if c.kind in DECIDED_KINDS]
     if not mine:
         return None
     shown: dict[frozenset[int], int] = {}

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from rlhf.errors import UserError
 from rlhf.label_order import ordered, set_uncertainties
-from rlhf.rows import LABEL_KINDS, Comparison
+from rlhf.rows import LABEL_KINDS, Comparison, count_decided
 from rlhf.rules import Rule, judge
 from rlhf.store import Store
 
@@ -95,6 +95,6 @@ def label_by_rule(store: Store, rule: Rule, *, k: int = 4, rank: bool = False, l
         verdict = judge([rule(c.text, c.token_ids or (), c.finish_reason == "eos") for c in shown], rank=rank)
         record_label(store, prompt_id, [c.id for c in shown], verdict.kind, verdict.choice, labeler=rule.labeler)
         kinds[verdict.kind] += 1
-        if decided is not None and kinds["best"] + kinds["ranking"] >= decided:
+        if decided is not None and count_decided(kinds) >= decided:
             break
     return kinds

@@ -8,15 +8,22 @@ field is an error where it is written, not a ``KeyError`` in a worker.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 # Kinds of answer a labeler can give. Only "best" and "ranking"
 # yield pairs; "tie", "all_bad" and "skip" are kept as they are.
 LABEL_KINDS = ("best", "ranking", "tie", "all_bad", "skip")
+DECIDED_KINDS = ("best", "ranking")
 # Statuses a background job moves through (see rlhf/jobs.py).
 JOB_STATUSES = ("queued", "running", "paused", "done", "failed", "cancelled")
 ACTIVE_JOB_STATUSES = ("queued", "running", "paused")
+
+
+def count_decided(kinds: Mapping[str, int]) -> int:
+    """How many of these labels (a count per kind) state a preference, so train."""
+    return sum(kinds.get(kind, 0) for kind in DECIDED_KINDS)
 
 
 def _json(text: str | None, empty: Any = None) -> Any:

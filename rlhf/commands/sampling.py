@@ -79,6 +79,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_label(args: argparse.Namespace) -> int:
     from rlhf.preferences import label_by_rule
+    from rlhf.rows import count_decided
     from rlhf.rules import parse_rule
 
     rule = parse_rule(args.rule)
@@ -101,7 +102,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     done = sum(kinds.values())
     parts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
     print(f"labeled {done} comparisons as {rule.labeler} ({parts}); {pairs} pairs by this labeler in all")
-    decided = kinds["best"] + kinds["ranking"]
+    decided = count_decided(kinds)
     if args.decided is not None and decided < args.decided:
         say(f"only {decided} of the {args.decided} asked for have a preference, and nothing is left to label: "
             f"sample the prompts again (`rlhf sample --all --seed S`) and label on")
