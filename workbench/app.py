@@ -135,8 +135,10 @@ class WorkbenchApp(App[None]):
     # -- start-up
 
     async def on_event(self, event: events.Event) -> None:
-        if self._idle_gc is not None and isinstance(event, (events.Key, events.MouseDown)):
-            self._idle_gc.touched()
+        if isinstance(event, (events.Key, events.MouseDown)):
+            self.model_host.input_pause.touched()
+            if self._idle_gc is not None:
+                self._idle_gc.touched()
         await super().on_event(event)
 
     def on_mount(self) -> None:

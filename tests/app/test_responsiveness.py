@@ -1,7 +1,7 @@
 """What keeps the workbench answering keys while the model and a job share the
 cores (benchmarks/app.py measures it): jobs and model work below the event
-loop's priority, full garbage collections in pauses, the prompt list toggled
-without restyling the screen."""
+loop's priority, model work paused for a moment after each key, full garbage
+collections in pauses, the prompt list toggled without restyling the screen."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 from conftest import FakeSampler, make_app, shown
 from rlhf import jobs
 from workbench import idle_gc
-from workbench.model_host import MODEL_THREAD_NICENESS, _below_the_event_loop
+from workbench import model_host
+from workbench.model_host import MODEL_THREAD_NICENESS, InputPause, _below_the_event_loop
 from workbench.widgets.prompt_list import PromptList
 
 
@@ -58,15 +59,28 @@ def test_model_work_runs_below_the_event_loop_and_jobs_below_the_app():
     assert jobs.JOB_NICENESS > MODEL_THREAD_NICENESS
 
 
-async def test_keys_are_noted_for_the_collector_and_l_toggles_only_the_list(store):
+def test_model_work_gives_way_to_a_key_at_its_next_token(monkeypatch):
+    clock, slept = [100.0], []
+    monkeypatch.setattr(model_host.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(model_host.time, "sleep", slept.append)
+    pause = InputPause()
+    assert not pause.should_stop() and slept == []       # no input: straight on
+    pause.touched()
+    clock[0] += model_host.INPUT_PAUSE_S / 3
+    assert not pause.should_stop()
+    assert slept == [pytest.approx(model_host.INPUT_PAUSE_S * 2 / 3)]
+
+
+async def test_keys_are_noted_for_the_collector_and_the_model_and_l_toggles_only_the_list(store):
     app = make_app(store, FakeSampler(), idle_gc=True)
     async with app.run_test(size=(140, 40)) as pilot:
         screen = await shown(pilot, app)
         listed = screen.query_one(PromptList)
         before = app._idle_gc.last_input
-        assert listed.display
+        assert listed.display and app.model_host.input_pause._until == 0.0
         await pilot.press("l")
         assert app._idle_gc.last_input > before
+        assert app.model_host.input_pause._until > 0.0
         assert not listed.display and not screen.has_class("-list-toggled")
         await pilot.press("l")
         assert listed.display
