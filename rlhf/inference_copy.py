@@ -63,6 +63,10 @@ class InferenceCopy:
         self._groups = group_linears(model, packs(stack.dtype, torch.device(stack.device)))
         self._lora_groups = [(group, names) for group, names in self._groups
                              if any(isinstance(base.get_submodule(n), LoraLayer) for n in names)]
+        # LoRA layers that are no nn.Linear here (GPT-2's Conv1D): merged into their own weight.
+        grouped = {n for _, names in self._groups for n in names}
+        self._loose = [name for name, module in base.named_modules()
+                       if isinstance(module, LoraLayer) and name not in grouped]
         # Every tensor is filled from the base (``fill``, ``merge``) before first use.
         self.model = model.to_empty(device=stack.device).eval()
         for p in self.model.parameters():
@@ -95,6 +99,9 @@ class InferenceCopy:
         (none: the bare base)."""
         for group, names in self._lora_groups:
             self._load(group, names, adapter)
+        base = self.stack.peft.get_base_model()
+        for name in self._loose:
+            self.model.get_submodule(name).weight.copy_(_merged_weight(base.get_submodule(name), adapter))
 
     @torch.no_grad()
     def fill(self) -> None:

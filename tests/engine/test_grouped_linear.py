@@ -77,3 +77,24 @@ def test_the_copy_keeps_each_projections_bias():
     with torch.no_grad():
         got = stack.sampling_model("policy")(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_layers_that_are_no_linear_are_merged_too(tmp_path, tiny_dir):
+    # GPT-2's projections are Conv1D: not grouped, merged into their own weight.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.save_pretrained(tmp_path)
+    config = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=32, n_layer=1, n_head=4,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    stack = load_stack(ModelOptions(source=str(tmp_path), quantize=False, device="cpu", dtype="float32"))
+    with torch.no_grad():
+        for p in stack.adapter_parameters("policy"):
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), stack.role("policy"):
+        expected = stack.peft(input_ids=ids).logits
+    with torch.no_grad():
+        got = stack.sampling_model("policy")(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
