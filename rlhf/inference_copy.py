@@ -14,10 +14,10 @@ peft's own ``merge_adapter`` is not used: it merges into the shared base in
 place, and unmerging a 4-bit or 16-bit weight does not give it back exactly,
 so the policy, its reference and the reward model would drift apart.
 
-The groups holding LoRA layers are merged again whenever the adapter it holds may have changed: it is
-keyed by the role and a fingerprint of that adapter's values (a sum and a sum
-of squares per tensor, a few milliseconds), so an optimizer step, a loaded
-version or a reset all show, whoever made them.
+The groups holding LoRA layers are merged again whenever the adapter the copy
+holds may have changed: the copy is keyed by the role and a fingerprint of that
+adapter's values (a sum and a sum of squares per tensor, a few milliseconds), so
+an optimizer step, a loaded version or a reset all show, whoever made them.
 """
 
 from __future__ import annotations
