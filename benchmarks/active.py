@@ -6,13 +6,14 @@
 A scripted labeler with a known taste (rlhf.rules) labels answer pairs from
 ../shared/data/hh-harmless-sample.jsonl (the two assistant replies of each row,
 as a set of K = 2 to pick from; equal by the rule is a tie, a label that gives no
-pair). Both strategies start from the same --batch labels at random; then
+pair). Both strategies start from the same --batch labels at random (a
+researcher who labeled a few as added before choosing the order); then
 
 - random: the next labels in a random order;
-- uncertain: every --batch labels, the reward ensemble is retrained on the labels
-  so far and the next --batch are the first of the product's uncertain order
-  (rlhf.label_order: by turns, the set the reward model is least sure of and the
-  next at random).
+- uncertain: the product's uncertain order given those labels
+  (rlhf.label_order.design_order: next, the pair whose label would remove the most
+  of the reward model's uncertainty over the whole pool). It reads the answers'
+  features, not the labels, so it is drawn once.
 
 At each size N the reward model (the product's default: an ensemble of heads on
 the embedded model's frozen features, rlhf.reward_ensemble) is trained on the N
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test", type=int, default=800, help="held-out answer pairs the reward model is judged on")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 40, 80], help="label counts to judge at")
-    p.add_argument("--batch", type=int, default=5, help="labels chosen per round (and the random start)")
+    p.add_argument("--batch", type=int, default=5, help="labels at random before either order")
     p.add_argument("--max-length", type=int, default=320, help="tokens per sequence (a long prompt loses its start)")
     p.add_argument("--quick", action="store_true", help="a smoke run: small pool, one seed, sizes 10 and 20")
     args = p.parse_args(argv)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf.chat import chat_prompt_ids
     from rlhf.exchange_import import read_preference_file
-    from rlhf.label_order import ordered, pick_uncertainty
+    from rlhf.label_order import design_order
     from rlhf.models import load_stack
     from rlhf.reward_config import RewardConfig
     from rlhf.reward_data import Element, completion_tokens, join_prompt
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         weight, bias, _ = fit_heads(x_pool[rows], Comparisons(labeled), counts, config)
         return weight, bias
 
+    sets = list(x_pool.split(2))  # each pool pair's answers: what the design order reads
     results: dict[tuple[str, str, int], list[float]] = {}
     tie_share: dict[tuple[str, str], list[float]] = {}
     for spec in args.rules:
@@ -149,21 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             random.Random(seed).shuffle(order)
             for size in args.sizes:
                 results.setdefault((spec, "random", size), []).append(accuracy(fit(order[:size], elements, seed)))
-            chosen = order[:args.batch]
-            while len(chosen) < max(args.sizes):
-                model = fit(chosen, elements, seed)
-                if len(chosen) in args.sizes:
-                    results.setdefault((spec, "uncertain", len(chosen)), []).append(accuracy(model))
-                taken = set(chosen)
-                rest = [i for i in order if i not in taken]
-                if model is None:  # nothing but ties so far: no opinion to be unsure of
-                    chosen += rest[:args.batch]
-                    continue
-                rewards = x_pool @ model[0] + model[1]
-                unsure = [pick_uncertainty(rewards[2 * i:2 * i + 2]) for i in rest]
-                chosen += [rest[j] for j in ordered(rest, "uncertain", uncertainty=unsure, seed=seed)[:args.batch]]
-            results.setdefault((spec, "uncertain", max(args.sizes)), []).append(
-                accuracy(fit(chosen[:max(args.sizes)], elements, seed)))
+            start, rest = order[:args.batch], order[args.batch:]
+            chosen = start + [rest[j] for j in design_order([sets[i] for i in start], [sets[i] for i in rest],
+                                                            picks=max(args.sizes))]
+            for size in args.sizes:
+                results.setdefault((spec, "uncertain", size), []).append(accuracy(fit(chosen[:size], elements, seed)))
             # A tie trains nothing: how many of each order's labels were spent on one.
             for strategy, picked in (("random", order), ("uncertain", chosen)):
                 picked = picked[args.batch:max(args.sizes)]

@@ -17,7 +17,7 @@ from itertools import combinations
 from typing import TYPE_CHECKING
 
 from rlhf.errors import UserError
-from rlhf.label_order import ordered, set_uncertainties
+from rlhf.label_order import label_priorities, labeled_sets, ordered
 from rlhf.rows import LABEL_KINDS, Comparison, count_decided
 from rlhf.rules import Rule, judge
 from rlhf.store import Store
@@ -80,17 +80,19 @@ def label_by_rule(store: Store, rule: Rule, *, k: int = 4, rank: bool = False, l
     not all K do), a tie where all score the same, or with ``rank`` a full
     ranking where all K differ. Recorded as ordinary comparisons by the labeler
     ``rule:NAME``. With ``limit``, which ones: the first in ``order``
-    (rlhf.label_order: as added, at random, or where ``scorer``'s ensemble is
-    least sure). With ``decided``, label in that order until this many have a
-    preference (best or ranking): the ties met on the way are recorded too but
-    not counted, since a tie trains nothing; the budget a labeler's informative
-    labels set. Returns how many labels of each kind."""
+    (rlhf.label_order: as added, at random, or where the reward model is least
+    sure, the features read by ``scorer``, ``design_scorer``). With ``decided``,
+    label in that order until this many have a preference (best or ranking): the
+    ties met on the way are recorded too but not counted, since a tie trains
+    nothing; the budget a labeler's informative labels set. Returns how many
+    labels of each kind."""
     pending = store.pending_sets(k)
-    uncertainty = None
+    priority = None
     if order == "uncertain" and scorer is not None:
-        uncertainty = set_uncertainties(scorer, [(store.prompt(pid).text, shown) for pid, shown in pending])
+        priority = label_priorities(scorer, [(store.prompt(pid).text, shown) for pid, shown in pending],
+                                    labeled_sets(store))
     kinds: Counter[str] = Counter()
-    for i in ordered(pending, order, uncertainty=uncertainty, seed=seed)[:limit]:
+    for i in ordered(pending, order, priority=priority, seed=seed)[:limit]:
         prompt_id, shown = pending[i]
         verdict = judge([rule(c.text, c.token_ids or (), c.finish_reason == "eos") for c in shown], rank=rank)
         record_label(store, prompt_id, [c.id for c in shown], verdict.kind, verdict.choice, labeler=rule.labeler)

@@ -6,8 +6,9 @@ trains on a bootstrap resample of the labeled prompts and stops early on the
 prompts its resample left out (out-of-bag), and the reward is the heads' mean.
 The out-of-bag ensemble (each comparison judged by the heads that never saw its
 prompt) gives the held-out figure without setting labels aside (Breiman 1996).
-Their spread is the reward model's uncertainty: which comparisons to label next
-and when a policy leaves what the labels cover (Coste et al. 2023, arXiv 2310.02743).
+Their spread is the reward model's uncertainty: when a policy leaves what the
+labels cover (Coste et al. 2023, arXiv 2310.02743). Which comparison to label next
+is asked of the features directly (rlhf.label_order).
 
 The heads train in lockstep, one full-batch Adam step an epoch for all of them
 ([sequences, heads] rewards in one matrix product), until every head has gone

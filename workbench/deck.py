@@ -9,8 +9,8 @@ be read, and tested, on their own:
   yet, or one where a set of the current version waits (a PPO iteration's
   rollouts queued for labeling: label what the policy produces now). The order of
   what comes next is a setting (``order``): as added, random, or uncertain
-  (by turns, the prompt whose waiting set the reward model is least sure of,
-  from ``uncertainty``, and the next in the random order: rlhf.label_order).
+  (the prompt whose waiting set's label would tell the reward model most, the
+  highest ``priority``: rlhf.label_order).
 - A prompt shows K completions of the current policy version (or, with
   ``best_of``, K of its best-of-N picks). The latest K in
   the store are reused (a reopened workbench does not resample what it already
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 
-from rlhf.label_order import ORDERS, by_doubt_now
+from rlhf.label_order import ORDERS
 from rlhf.rows import Completion, Prompt
 from rlhf.store import Store
 
@@ -42,9 +42,8 @@ class Deck:
         self.best_of: int | None = None  # N when the sets are best-of-N picks of the version
         self._waiting: set[int] = set()  # labeled prompts where a set of that version waits
         self.order = "added"
-        self.uncertainty: dict[int, float] = {}   # prompt id -> the ensemble's doubt about its waiting set
+        self.priority: dict[int, float] = {}      # prompt id -> how soon the uncertain order labels its set
         self._random_key: dict[int, float] = {}   # the 'random' order, drawn once per prompt
-        self._labeled_in_order = 0                # labels since the order was set: whose turn it is
         self.reload()
         to_label = [pid for pid in self.prompt_ids if self._to_label(pid)]
         self.current_id = to_label[0] if to_label else (self.prompt_ids[0] if self.prompt_ids else None)
@@ -75,8 +74,6 @@ class Deck:
 
     def mark_labeled(self, prompt_id: int, labeled: bool = True) -> None:
         if labeled:
-            if prompt_id in self._unlabeled or prompt_id in self._waiting:
-                self._labeled_in_order += 1
             self._unlabeled.discard(prompt_id)
             self._waiting.discard(prompt_id)
         else:
@@ -113,7 +110,7 @@ class Deck:
     def set_order(self, order: str) -> None:
         if order not in ORDERS:
             raise ValueError(f"unknown order {order!r}")
-        self.order, self._labeled_in_order = order, 0
+        self.order = order
 
     def next_unlabeled(self) -> int | None:
         """The next unlabeled prompt by the order; None when every other prompt is
@@ -123,12 +120,10 @@ class Deck:
         waiting = [pid for offset in range(1, n + 1)
                    if self._to_label(pid := self.prompt_ids[(start + offset) % n]) and pid != self.current_id]
         if self.order == "uncertain":
-            known = [pid for pid in waiting if pid in self.uncertainty]
-            if not known:  # no reward model's word yet: as added
-                return waiting[0] if waiting else None
-            if by_doubt_now(self._labeled_in_order):
-                return max(known, key=self.uncertainty.__getitem__)
-        if self.order != "added" and waiting:  # random, or the uncertain order's random turn
+            known = [pid for pid in waiting if pid in self.priority]
+            # Not measured yet (no model loaded, or no set sampled): as added.
+            return max(known, key=self.priority.__getitem__) if known else (waiting[0] if waiting else None)
+        if self.order == "random" and waiting:
             for pid in waiting:
                 self._random_key.setdefault(pid, self.rng.random())
             return min(waiting, key=self._random_key.__getitem__)
@@ -136,7 +131,7 @@ class Deck:
 
     def waiting_sets(self) -> list[tuple[int, list[Completion]]]:
         """Sampled sets of the deck's version not labeled yet, on prompts to label:
-        what the reward ensemble can be asked about."""
+        what the uncertain order ranks."""
         return [(pid, shown) for pid, shown in self.store.pending_sets(self.k)
                 if self._to_label(pid) and self._of_source(shown)]
 

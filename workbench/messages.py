@@ -140,10 +140,10 @@ class DriftAnswered(Message):
         self.blind = blind
 
 
-class UncertaintyMeasured(Message):
-    """How unsure the reward ensemble is of each waiting prompt's set: prompt id ->
-    the heads' disagreement about the pick (rlhf.label_order)."""
+class PrioritiesMeasured(Message):
+    """How soon the uncertain order labels each waiting prompt's set: prompt id ->
+    priority, highest first (rlhf.label_order.label_priorities)."""
 
-    def __init__(self, uncertainty: dict[int, float]) -> None:
+    def __init__(self, priority: dict[int, float]) -> None:
         super().__init__()
-        self.uncertainty = uncertainty
+        self.priority = priority

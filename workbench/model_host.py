@@ -44,11 +44,11 @@ from workbench.messages import (
     ModelLoaded,
     ModelStatus,
     PolicySwitched,
+    PrioritiesMeasured,
     RolloutsQueued,
     SamplingFailed,
     SamplingSkipped,
     ScoresReady,
-    UncertaintyMeasured,
 )
 
 if TYPE_CHECKING:
@@ -331,26 +331,26 @@ class ModelHost:
         """Every labeled pair with both scores: LabeledPairsScored to ``requester``."""
         return _in_thread(requester, partial(self._score_labeled, requester), "reward-pairs", exclusive=True)
 
-    def measure_uncertainty(self, requester: DOMNode, sets: Sequence[tuple[int, Sequence[Completion]]]) -> None:
-        """How unsure the latest reward version is of each (prompt id, completions)
-        set: UncertaintyMeasured to ``requester``. Nothing without a reward version."""
-        if self.reward_available and sets:
-            _in_thread(requester, partial(self._uncertainty, requester, list(sets)), "reward-uncertainty",
+    def measure_priorities(self, requester: DOMNode, sets: Sequence[tuple[int, Sequence[Completion]]]) -> None:
+        """How soon the uncertain order labels each (prompt id, completions) set,
+        given the labels so far: PrioritiesMeasured to ``requester``. Nothing
+        before the model is loaded."""
+        if self.stack is not None and sets:
+            _in_thread(requester, partial(self._priorities, requester, list(sets)), "label-priorities",
                        exclusive=True)
 
-    def _uncertainty(self, requester: DOMNode, sets: list[tuple[int, Sequence[Completion]]]) -> None:
-        from rlhf.label_order import set_uncertainties
+    def _priorities(self, requester: DOMNode, sets: list[tuple[int, Sequence[Completion]]]) -> None:
+        from rlhf.label_order import base_scorer, label_priorities, labeled_sets
 
         try:
             with self.lock:
-                scorer = self._scorer()
-                if scorer is None:
-                    return
-                values = set_uncertainties(scorer, [(self.store.prompt(pid).text, shown) for pid, shown in sets])
+                scorer = self._scorer() or base_scorer(self.stack)  # no reward version yet: the base's features
+                values = label_priorities(scorer, [(self.store.prompt(pid).text, shown) for pid, shown in sets],
+                                          labeled_sets(self.store))
         except Exception:  # the order is a help: the queue keeps its order
-            log.exception("measuring the reward model's uncertainty failed")
+            log.exception("measuring the labeling priorities failed")
             return
-        requester.post_message(UncertaintyMeasured(dict(zip((pid for pid, _ in sets), values))))
+        requester.post_message(PrioritiesMeasured(dict(zip((pid for pid, _ in sets), values))))
 
     def _score(self, requester: DOMNode, prompt_id: int, completions: list[Completion]) -> None:
         try:

@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "the way are recorded but not counted, since a tie trains nothing")
     p.add_argument("--order", choices=ORDERS, default="added",
                    help="which to label first, with --limit or --decided: as added (default), random, or uncertain "
-                        "(by turns where the latest reward model is least sure and at random)")
-    p.add_argument("--seed", type=int, default=0, help="the shuffle of --order random (and of uncertain's random turns)")
+                        "(the sets whose labels would tell the reward model most: rlhf/label_order.py)")
+    p.add_argument("--seed", type=int, default=0, help="the shuffle of --order random")
     add_model_options(p)
     p.set_defaults(func=cmd_label)
 
@@ -89,13 +89,10 @@ def cmd_label(args: argparse.Namespace) -> int:
                             "(`rlhf sample --k 4`)")
         scorer = None
         if args.order == "uncertain":
+            from rlhf.label_order import design_scorer
             from rlhf.models import load_stack
-            from rlhf.reward_scoring import load_scorer
 
-            if store.checkpoint("reward") is None:
-                raise UserError("--order uncertain needs a reward model to ask: train one first "
-                                "(`rlhf train-reward`), or use --order added")
-            scorer = load_scorer(load_stack(model_options(args), progress=say), store)
+            scorer = design_scorer(load_stack(model_options(args), progress=say), store)
         kinds = label_by_rule(store, rule, k=args.k, rank=args.rank, limit=args.limit, decided=args.decided,
                               order=args.order, scorer=scorer, seed=args.seed)
         pairs = len(store.pairs(labeler=rule.labeler))

@@ -641,8 +641,8 @@ async def test_the_import_dialog_names_a_path_that_is_not_there(store, tmp_path)
     assert store.pairs() == []
 
 
-async def test_the_order_key_cycles_and_the_uncertain_order_takes_the_least_sure_next(store):
-    from workbench.messages import UncertaintyMeasured
+async def test_the_order_key_cycles_and_the_uncertain_order_takes_the_first_by_priority(store):
+    from workbench.messages import PrioritiesMeasured
     from workbench.widgets.status_line import StatusLine
 
     app = make_app(store)
@@ -651,15 +651,41 @@ async def test_the_order_key_cycles_and_the_uncertain_order_takes_the_least_sure
         first = screen.shown_prompt_id
         await pilot.press("o", "o")
         assert screen.deck.order == "random" and "order random" in str(screen.query_one(StatusLine).render())
-        await pilot.press("o", "o")              # round to uncertain: no reward model yet, said so
+        await pilot.press("o", "o")              # round to uncertain
         assert screen.deck.order == "uncertain"
         assert "order uncertain" in str(screen.query_one(StatusLine).render())
         others = [pid for pid in screen.deck.prompt_ids if pid != first]
-        screen.post_message(UncertaintyMeasured({others[0]: 0.1, others[-1]: 0.9}))
-        await wait_for(pilot, lambda: screen.deck.uncertainty)
+        screen.post_message(PrioritiesMeasured({others[0]: 0.1, others[-1]: 0.9}))
+        await wait_for(pilot, lambda: screen.deck.priority)
         await pilot.press("1")
         await wait_for(pilot, lambda: screen.shown_prompt_id not in (None, first))
         assert screen.shown_prompt_id == others[-1]
+
+
+async def test_the_uncertain_order_is_measured_on_the_model_before_any_reward_model(store, tiny_stack):
+    from rlhf.label_order import design_order, set_features
+    from rlhf.reward_scoring import RewardScorer
+
+    sampler = FakeSampler()
+    store.add_prompts(PROMPTS)
+    for prompt in store.prompts():                 # every prompt's set sampled: all wait for a label
+        samples = sampler([prompt.text], 4)[0]
+        store.add_completions(prompt.id, [{"text": s.text, "token_ids": s.token_ids, "n_tokens": len(s.token_ids),
+                                           "finish_reason": "eos", "policy_version": 0} for s in samples])
+    app = make_app(store, sampler=sampler, stack=tiny_stack, policy_version=0)
+    async with app.run_test() as pilot:
+        screen = await shown(pilot, app)
+        first = screen.shown_prompt_id
+        await pilot.press("o")                     # to uncertain: no reward version, the design reads the base
+        assert screen.deck.order == "uncertain"
+        await wait_for(pilot, lambda: screen.deck.priority, timeout=30)
+        waiting = screen.deck.waiting_sets()
+        assert set(screen.deck.priority) == {pid for pid, _ in waiting}
+        await pilot.press("1")
+        await wait_for(pilot, lambda: screen.shown_prompt_id not in (None, first))
+    features = set_features(RewardScorer(tiny_stack), [(store.prompt(pid).text, shown) for pid, shown in waiting])
+    by_design = [waiting[i][0] for i in design_order([], features)]
+    assert screen.shown_prompt_id == next(pid for pid in by_design if pid != first)
 
 
 async def test_an_earlier_comparison_comes_back_unannounced_and_trains_nothing(store):

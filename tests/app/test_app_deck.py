@@ -60,13 +60,12 @@ def test_what_comes_next_follows_the_order(store):
     assert [pid for pid, _ in deck.waiting_sets()] == [2, 4, 5]
     deck.set_order("uncertain")
     assert deck.next_unlabeled() == 2                            # nothing measured yet: as added
-    deck.uncertainty = {2: 0.1, 4: 0.6, 5: 0.3}
-    assert deck.next_unlabeled() == 4                            # a turn by doubt: the least sure
+    deck.priority = {2: 0.1, 4: 0.6, 5: 0.3}
+    assert deck.next_unlabeled() == 4                            # the highest priority
     deck.mark_labeled(4)
-    by_chance = deck.next_unlabeled()                            # then a turn at random, drawn once
-    assert by_chance in {2, 3, 5} and deck.next_unlabeled() == by_chance
-    deck.mark_labeled(by_chance)
-    assert deck.next_unlabeled() == max({2, 5} - {by_chance}, key=deck.uncertainty.__getitem__)
+    assert deck.next_unlabeled() == 5                            # then the next, by the same measure
+    deck.mark_labeled(5)
+    assert deck.next_unlabeled() == 2                            # prompt 3's set was not measured: after
     deck.set_order("random")
     firsts = {deck.next_unlabeled() for _ in range(3)}
     assert len(firsts) == 1 and firsts <= {2, 3, 5}              # drawn once: the same until labeled

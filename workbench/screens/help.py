@@ -27,7 +27,7 @@ The columns are shuffled for every prompt, so that position tells you nothing.
 | `u` | undo the last label (it and its pairs, nothing else) and go back to it |
 | `r` | resample this prompt (new completions; the old ones stay in the store) |
 | `n` / `p` | next / previous prompt |
-| `o` | what comes next: as added, uncertain (by turns where the reward model is least sure and at random), random |
+| `o` | what comes next: as added, uncertain (the set whose label would tell the reward model most), random |
 | `a` / `e` | add a prompt / edit this one (an edited prompt is resampled) |
 | `v` | choose the policy version completions are sampled from |
 | `x` | export the recorded pairs (TRL JSONL, Parquet, or a datasets folder) |

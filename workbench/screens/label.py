@@ -22,7 +22,7 @@ from textual.widgets import Static
 from rlhf.label_order import ORDERS
 from rlhf.rows import Completion
 from workbench.deck import Deck
-from workbench.messages import ScoresReady, UncertaintyMeasured
+from workbench.messages import PrioritiesMeasured, ScoresReady
 from workbench.screens.dialogs import PromptEditor
 from workbench.screens.label_keys import LabelKeys
 from workbench.screens.label_sampling import LabelSampling
@@ -111,6 +111,8 @@ class LabelScreen(LabelKeys, LabelSampling):
     def _model_state_changed(self, state: str) -> None:
         self._show_model_state(state)
         if state == "ready":
+            if self.deck is not None and self.deck.order == "uncertain":  # chosen while the model loaded
+                self.wb.model_host.measure_priorities(self, self.deck.waiting_sets())
             if self.shown:  # stored completions went up before the model was there
                 self.wb.model_host.score(self, self.shown_prompt_id, self.shown)
                 self._prefetch()
@@ -270,22 +272,18 @@ class LabelScreen(LabelKeys, LabelSampling):
         order = ORDERS[(ORDERS.index(self.deck.order) + 1) % len(ORDERS)]
         self.deck.set_order(order)
         if order == "uncertain":
-            if not self.wb.model_host.reward_available:
-                self.notify("the uncertain order needs a reward model: train one (F2); until then, as added",
-                            severity="warning", timeout=4)
-            else:
-                self.wb.model_host.measure_uncertainty(self, self.deck.waiting_sets())
+            self.wb.model_host.measure_priorities(self, self.deck.waiting_sets())
         self.notify(f"next: {ORDER_NAMES[order]}", timeout=2)
         self._status()
 
     def on_screen_resume(self) -> None:
-        # Back from the Train screen, say: a newer reward version may be less sure elsewhere.
+        # Back from another screen: new labels, sets or a reward version change the order.
         if self.deck is not None and self.deck.order == "uncertain":
-            self.wb.model_host.measure_uncertainty(self, self.deck.waiting_sets())
+            self.wb.model_host.measure_priorities(self, self.deck.waiting_sets())
 
-    def on_uncertainty_measured(self, message: UncertaintyMeasured) -> None:
+    def on_priorities_measured(self, message: PrioritiesMeasured) -> None:
         assert self.deck is not None
-        self.deck.uncertainty = message.uncertainty
+        self.deck.priority = message.priority
         self._status()
 
     def set_agreement(self, text: str | None) -> None:
