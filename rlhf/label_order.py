@@ -174,7 +174,12 @@ def label_priorities(scorer: RewardScorer, waiting: Sequence[tuple[str, Sequence
     labels it given the ``labeled`` sets (``design_order``): the first gets the
     highest value, sets past ``MAX_PICKS`` get 0."""
     features = set_features(scorer, [*waiting, *labeled])
-    order = design_order(features[len(waiting):], features[:len(waiting)])
+    return design_priorities(features[len(waiting):], features[:len(waiting)])
+
+
+def design_priorities(labeled: Sequence[torch.Tensor], waiting: Sequence[torch.Tensor]) -> list[float]:
+    """``label_priorities`` from the sets' features ([K, features] each)."""
+    order = design_order(labeled, waiting)
     priority = [0.0] * len(waiting)
     for rank, i in enumerate(order[:MAX_PICKS]):
         priority[i] = float(len(order) - rank)

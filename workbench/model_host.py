@@ -122,6 +122,9 @@ class InputPause:
 # share of each matrix product; torch's pool threads keep their priority (checked
 # in /proc: they do not inherit it).
 MODEL_THREAD_NICENESS = 5
+# Sets whose features the uncertain order reads under one hold of the model lock
+# (about two seconds of the embedded model on two cores).
+PRIORITY_CHUNK = 8
 
 
 def _below_the_event_loop(work: Callable[[], None]) -> None:
@@ -340,13 +343,18 @@ class ModelHost:
                        exclusive=True)
 
     def _priorities(self, requester: DOMNode, sets: list[tuple[int, Sequence[Completion]]]) -> None:
-        from rlhf.label_order import base_scorer, label_priorities, labeled_sets
+        from rlhf.label_order import base_scorer, design_priorities, labeled_sets, set_features
 
         try:
-            with self.lock:
-                scorer = self._scorer() or base_scorer(self.stack)  # no reward version yet: the base's features
-                values = label_priorities(scorer, [(self.store.prompt(pid).text, shown) for pid, shown in sets],
-                                          labeled_sets(self.store))
+            texts = [(self.store.prompt(pid).text, shown) for pid, shown in sets] + labeled_sets(self.store)
+            features = []
+            # A few sets at a time, the lock let go between: reading hundreds of
+            # answers takes a minute, and sampling the next prompt should not wait.
+            for start in range(0, len(texts), PRIORITY_CHUNK):
+                with self.lock:
+                    scorer = self._scorer() or base_scorer(self.stack)  # no reward version yet: the base's features
+                    features += set_features(scorer, texts[start:start + PRIORITY_CHUNK])
+            values = design_priorities(features[len(sets):], features[:len(sets)])
         except Exception:  # the order is a help: the queue keeps its order
             log.exception("measuring the labeling priorities failed")
             return

@@ -662,10 +662,12 @@ async def test_the_order_key_cycles_and_the_uncertain_order_takes_the_first_by_p
         assert screen.shown_prompt_id == others[-1]
 
 
-async def test_the_uncertain_order_is_measured_on_the_model_before_any_reward_model(store, tiny_stack):
+async def test_the_uncertain_order_is_measured_on_the_model_before_any_reward_model(store, tiny_stack, monkeypatch):
     from rlhf.label_order import design_order, set_features
     from rlhf.reward_scoring import RewardScorer
+    from workbench import model_host
 
+    monkeypatch.setattr(model_host, "PRIORITY_CHUNK", 1)  # read a set at a time: the features still line up
     sampler = FakeSampler()
     store.add_prompts(PROMPTS)
     for prompt in store.prompts():                 # every prompt's set sampled: all wait for a label
