@@ -23,8 +23,10 @@ async def test_the_status_line_grows_to_show_every_fact_whole(store):
     async with app.run_test(size=(72, 30)) as pilot:
         screen = await shown(pilot, app)
         status = screen.query_one(StatusLine)
-        status.agreement = "71% of 120 labels (v3)"
-        status.order = "uncertain"
+        # Through the app and the keys, as a user sets them: a fact set on the line
+        # alone is redrawn from the screen's state when the next set is sampled.
+        app.agreement = "71% of 120 labels (v3)"
+        await pilot.press("o")                          # the order: uncertain
         await pilot.pause()
         lines = status.render().lines(status.content_size.width)
         assert len(lines) > 1 and status.content_size.height == len(lines)
