@@ -61,6 +61,10 @@ MAX_PICKS = 200
 # The latest labels the design knows of: each costs a pass through the base for
 # its answers, and with hundreds labeled the next few change the order little.
 MAX_LABELED = 256
+# Waiting sets the design ranks, the oldest first; the rest come after, as given.
+# The design holds a (sets x K)^2 matrix: 1,000 sets of 4 are 128 MB, and reading
+# their answers takes minutes on a CPU.
+MAX_WAITING = 1000
 
 
 def design_order(labeled: Sequence[torch.Tensor], waiting: Sequence[torch.Tensor], *, prior: float = PRIOR,
@@ -85,7 +89,10 @@ def design_order(labeled: Sequence[torch.Tensor], waiting: Sequence[torch.Tensor
 
     v = torch.cat([informative(s) for s in waiting])                 # [rows, features]
     # The prior precision: ``prior`` times an average waiting set's information.
-    precision = prior * (v ** 2).sum() / len(waiting) * torch.eye(v.shape[1], dtype=v.dtype)
+    average = (v ** 2).sum() / len(waiting)
+    if not torch.isfinite(average) or average == 0:  # no answers that differ (or no numbers): nothing to rank by
+        return list(range(len(waiting)))
+    precision = prior * average * torch.eye(v.shape[1], dtype=v.dtype)
     if labeled:
         u = torch.cat([informative(s) for s in labeled])
         precision += u.T @ u
@@ -150,7 +157,11 @@ def design_scorer(stack: ModelStack, store: Store) -> RewardScorer:
     ``base_scorer``. The order needs no trained reward model."""
     from rlhf.reward_scoring import load_scorer
 
-    return load_scorer(stack, store) or base_scorer(stack)
+    try:
+        scorer = load_scorer(stack, store)
+    except UserError:  # a version this base cannot load (another model's, say): the order does without
+        scorer = None
+    return scorer or base_scorer(stack)
 
 
 def base_scorer(stack: ModelStack) -> RewardScorer:
@@ -172,9 +183,10 @@ def label_priorities(scorer: RewardScorer, waiting: Sequence[tuple[str, Sequence
                      labeled: Sequence[tuple[str, Sequence[Completion]]] = ()) -> list[float]:
     """For each waiting (prompt text, completions) set, how soon the uncertain order
     labels it given the ``labeled`` sets (``design_order``): the first gets the
-    highest value, sets past ``MAX_PICKS`` get 0."""
-    features = set_features(scorer, [*waiting, *labeled])
-    return design_priorities(features[len(waiting):], features[:len(waiting)])
+    highest value, sets past ``MAX_PICKS`` (or ``MAX_WAITING``) get 0."""
+    ranked = list(waiting[:MAX_WAITING])
+    features = set_features(scorer, [*ranked, *labeled])
+    return design_priorities(features[len(ranked):], features[:len(ranked)]) + [0.0] * (len(waiting) - len(ranked))
 
 
 def design_priorities(labeled: Sequence[torch.Tensor], waiting: Sequence[torch.Tensor]) -> list[float]:

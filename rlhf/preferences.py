@@ -80,8 +80,9 @@ def label_by_rule(store: Store, rule: Rule, *, k: int = 4, rank: bool = False, l
     not all K do), a tie where all score the same, or with ``rank`` a full
     ranking where all K differ. Recorded as ordinary comparisons by the labeler
     ``rule:NAME``. With ``limit``, which ones: the first in ``order``
-    (rlhf.label_order: as added, at random, or where the reward model is least
-    sure, the features read by ``scorer``, ``design_scorer``). With ``decided``,
+    (rlhf.label_order: as added, at random, or 'uncertain', the sets whose labels
+    tell the reward model most, their features read by ``scorer``, which
+    ``label_order.design_scorer`` gives). With ``decided``,
     label in that order until this many have a preference (best or ranking): the
     ties met on the way are recorded too but not counted, since a tie trains
     nothing; the budget a labeler's informative labels set. Returns how many

@@ -129,6 +129,12 @@ class Deck:
             return min(waiting, key=self._random_key.__getitem__)
         return waiting[0] if waiting else None
 
+    def priorities_spent(self) -> bool:
+        """In the uncertain order, whether no prompt left to label has a priority
+        (all labeled, past the design's picks, or sampled since it was measured):
+        time to measure again."""
+        return self.order == "uncertain" and not any(v > 0 and self._to_label(pid) for pid, v in self.priority.items())
+
     def waiting_sets(self) -> list[tuple[int, list[Completion]]]:
         """Sampled sets of the deck's version not labeled yet, on prompts to label:
         what the uncertain order ranks."""

@@ -125,6 +125,7 @@ MODEL_THREAD_NICENESS = 5
 # Sets whose features the uncertain order reads under one hold of the model lock
 # (about two seconds of the embedded model on two cores).
 PRIORITY_CHUNK = 8
+PRIORITIES_GROUP = "label-priorities"   # the worker group of those measurements
 
 
 def _below_the_event_loop(work: Callable[[], None]) -> None:
@@ -338,8 +339,10 @@ class ModelHost:
         """How soon the uncertain order labels each (prompt id, completions) set,
         given the labels so far: PrioritiesMeasured to ``requester``. Nothing
         before the model is loaded."""
-        if self.stack is not None and sets:
-            _in_thread(requester, partial(self._priorities, requester, list(sets)), "label-priorities",
+        from rlhf.label_order import MAX_WAITING
+
+        if self.stack is not None and sets:  # the oldest MAX_WAITING are ranked, the rest come after
+            _in_thread(requester, partial(self._priorities, requester, list(sets)[:MAX_WAITING]), PRIORITIES_GROUP,
                        exclusive=True)
 
     def _priorities(self, requester: DOMNode, sets: list[tuple[int, Sequence[Completion]]]) -> None:
@@ -348,9 +351,12 @@ class ModelHost:
         try:
             texts = [(self.store.prompt(pid).text, shown) for pid, shown in sets] + labeled_sets(self.store)
             features = []
+            version = self._latest_reward_version()
             # A few sets at a time, the lock let go between: reading hundreds of
             # answers takes a minute, and sampling the next prompt should not wait.
             for start in range(0, len(texts), PRIORITY_CHUNK):
+                if _worker_cancelled() or self._latest_reward_version() != version:
+                    return  # a newer measurement was asked for, or the reward read-out changed midway
                 with self.lock:
                     scorer = self._scorer() or base_scorer(self.stack)  # no reward version yet: the base's features
                     features += set_features(scorer, texts[start:start + PRIORITY_CHUNK])
@@ -358,7 +364,8 @@ class ModelHost:
         except Exception:  # the order is a help: the queue keeps its order
             log.exception("measuring the labeling priorities failed")
             return
-        requester.post_message(PrioritiesMeasured(dict(zip((pid for pid, _ in sets), values))))
+        if not _worker_cancelled():
+            requester.post_message(PrioritiesMeasured(dict(zip((pid for pid, _ in sets), values))))
 
     def _score(self, requester: DOMNode, prompt_id: int, completions: list[Completion]) -> None:
         try:
@@ -401,6 +408,10 @@ class ModelHost:
             if scorer is None:
                 return None
             return score_labeled_pairs(scorer, self.store, "label", self._scores)
+
+    def _latest_reward_version(self) -> int | None:
+        latest = self.store.checkpoint("reward")
+        return latest.version if latest is not None else None
 
     def _scorer(self) -> RewardScorer | None:
         """The latest reward version, loaded when it changed. Call with ``lock``

@@ -657,9 +657,17 @@ async def test_the_order_key_cycles_and_the_uncertain_order_takes_the_first_by_p
         others = [pid for pid in screen.deck.prompt_ids if pid != first]
         screen.post_message(PrioritiesMeasured({others[0]: 0.1, others[-1]: 0.9}))
         await wait_for(pilot, lambda: screen.deck.priority)
+        asked: list[list[int]] = []
+        app.model_host.measure_priorities = lambda requester, sets: asked.append([pid for pid, _ in sets])
         await pilot.press("1")
         await wait_for(pilot, lambda: screen.shown_prompt_id not in (None, first))
-        assert screen.shown_prompt_id == others[-1]
+        assert screen.shown_prompt_id == others[-1] and not asked
+        await pilot.press("1")
+        await wait_for(pilot, lambda: screen.shown_prompt_id not in (None, others[-1]))
+        assert screen.shown_prompt_id == others[0] and not asked
+        await pilot.press("1")                   # the last ranked one labeled: the order measures again
+        await wait_for(pilot, lambda: screen.shown_prompt_id not in (None, others[0]))
+        assert len(asked) == 1 and others[0] not in asked[0]
 
 
 async def test_the_uncertain_order_is_measured_on_the_model_before_any_reward_model(store, tiny_stack, monkeypatch):

@@ -60,12 +60,15 @@ def test_what_comes_next_follows_the_order(store):
     assert [pid for pid, _ in deck.waiting_sets()] == [2, 4, 5]
     deck.set_order("uncertain")
     assert deck.next_unlabeled() == 2                            # nothing measured yet: as added
+    assert deck.priorities_spent()                               # nothing measured: measure
     deck.priority = {2: 0.1, 4: 0.6, 5: 0.3}
-    assert deck.next_unlabeled() == 4                            # the highest priority
+    assert deck.next_unlabeled() == 4 and not deck.priorities_spent()  # the highest priority
     deck.mark_labeled(4)
     assert deck.next_unlabeled() == 5                            # then the next, by the same measure
     deck.mark_labeled(5)
     assert deck.next_unlabeled() == 2                            # prompt 3's set was not measured: after
+    deck.mark_labeled(2)
+    assert deck.priorities_spent()                               # every ranked set labeled: measure again
     deck.set_order("random")
     firsts = {deck.next_unlabeled() for _ in range(3)}
     assert len(firsts) == 1 and firsts <= {2, 3, 5}              # drawn once: the same until labeled

@@ -1,4 +1,4 @@
-"""Which comparison is labeled next: as added, at random, or where the reward model is least sure."""
+"""Which comparison is labeled next: as added, at random, or the one whose label tells the reward model most."""
 
 from __future__ import annotations
 
@@ -50,6 +50,44 @@ def test_a_set_whose_answers_read_alike_comes_last_and_sizes_may_differ():
     order = design_order([], waiting)
     assert sorted(order) == [0, 1, 2, 3] and order[-1] == 1
     assert design_order([], waiting, picks=1)[1:] == [i for i in range(4) if i != order[0]]  # the rest as given
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_each_pick_removes_the_most_summed_variance_recomputed_from_scratch(seed):
+    """The design's kept blocks against the posterior worked out afresh at every pick."""
+    generator = torch.Generator().manual_seed(seed)
+    waiting = [torch.randn(k, 10, generator=generator, dtype=torch.float64)
+               * (1 + 2 * torch.rand(1, generator=generator, dtype=torch.float64))  # spreads apart
+               for k in (2, 3, 4, 2, 3, 4, 2, 3, 2)]
+    labeled = [torch.randn(3, 10, generator=generator, dtype=torch.float64) for _ in range(2)]
+    rows = torch.cat([*waiting, *labeled])
+    mean, std = rows.mean(0), rows.std(0)
+
+    def information(s: torch.Tensor) -> torch.Tensor:  # the centred, standardized answers over sqrt(K)
+        z = (s - mean) / std
+        return (z - z.mean(0)) / len(s) ** 0.5
+
+    v = torch.cat([information(s) for s in waiting])
+    precision = 0.3 * (v ** 2).sum() / len(waiting) * torch.eye(10, dtype=torch.float64)
+    precision += sum(information(s).T @ information(s) for s in labeled)
+
+    def summed_variance(p: torch.Tensor) -> float:
+        return float((v @ torch.linalg.solve(p, v.T)).trace())
+
+    expected, left = [], list(range(len(waiting)))
+    while left:
+        after = {i: summed_variance(precision + information(waiting[i]).T @ information(waiting[i])) for i in left}
+        best = min(left, key=after.__getitem__)
+        expected.append(best)
+        left.remove(best)
+        precision = precision + information(waiting[best]).T @ information(waiting[best])
+    assert design_order(labeled, waiting, prior=0.3) == expected
+
+
+def test_nothing_to_tell_apart_keeps_the_queue_as_given():
+    alike = [torch.ones(4, 6), torch.full((2, 6), 3.0)]  # every set's answers read the same: no label teaches
+    assert design_order([], alike) == [0, 1]
+    assert design_order([], []) == []
 
 
 def test_orders():

@@ -23,6 +23,7 @@ from rlhf.label_order import ORDERS
 from rlhf.rows import Completion
 from workbench.deck import Deck
 from workbench.messages import PrioritiesMeasured, ScoresReady
+from workbench.model_host import PRIORITIES_GROUP
 from workbench.screens.dialogs import PromptEditor
 from workbench.screens.label_keys import LabelKeys
 from workbench.screens.label_sampling import LabelSampling
@@ -57,7 +58,7 @@ class LabelScreen(LabelKeys, LabelSampling):
         Binding("e", "edit_prompt", "Edit", tooltip="Edit this prompt"),
         Binding("l", "toggle_list", "List", tooltip="Show or hide the prompt list"),
         Binding("o", "cycle_order", "Order", show=False,
-                tooltip="What comes next: as added, random, or where the reward model is least sure"),
+                tooltip="What comes next: as added, uncertain (the label that tells the reward model most), or random"),
         Binding("g", "label_by_rule", "Rule", show=False,
                 tooltip="Label every waiting comparison by a rule (a scripted labeler with a known taste)"),
         Binding("escape", "clear_ranking", "Clear ranking", show=False, tooltip="Clear a half-entered ranking"),
@@ -279,6 +280,14 @@ class LabelScreen(LabelKeys, LabelSampling):
     def on_screen_resume(self) -> None:
         # Back from another screen: new labels, sets or a reward version change the order.
         if self.deck is not None and self.deck.order == "uncertain":
+            self.wb.model_host.measure_priorities(self, self.deck.waiting_sets())
+
+    def _measure_priorities_when_spent(self) -> None:
+        """Measure the uncertain order again once its ranked sets are labeled (or
+        it ranked none of those left), unless a measurement is under way."""
+        assert self.deck is not None
+        busy = any(w.group == PRIORITIES_GROUP and w.is_running for w in self.workers)
+        if self.deck.priorities_spent() and not busy:
             self.wb.model_host.measure_priorities(self, self.deck.waiting_sets())
 
     def on_priorities_measured(self, message: PrioritiesMeasured) -> None:

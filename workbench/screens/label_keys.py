@@ -32,7 +32,8 @@ LABEL_ACTIONS = ("pick", "label", "toggle_ranking", "share_top")
 
 class LabelKeys(WorkbenchScreen):
     """Part of LabelScreen (which holds what is shown and moves on:
-    ``show_current``, ``_status``, ``_fill_list``, ``_list_mark``)."""
+    ``show_current``, ``_status``, ``_fill_list``, ``_list_mark``,
+    ``_measure_priorities_when_spent``)."""
 
     deck: Deck | None
     shown: list[Completion]
@@ -150,6 +151,7 @@ class LabelKeys(WorkbenchScreen):
             self.wb.model_host.measure_agreement(self)
             self.deck.mark_labeled(pid)
             self._list_mark(pid)
+            self._measure_priorities_when_spent()
             if self._show_a_repeat():
                 return
         nxt = self.deck.next_unlabeled()
