@@ -19,8 +19,9 @@ seeds, held-out pairwise accuracy): at 40 labels this order reaches what random
 order reaches at 80, 0.781 against 0.780 for "you/your" (random at 40: 0.755) and
 0.808 against 0.807 for "more digits" (random at 40: 0.777). On two other tastes it
 is ahead at 40 but short of random's 80: "shorter words" 0.694 (random 0.680 at
-40, 0.714 at 80), "more question marks" 0.840 (0.824, 0.861). At 80 all are level. Orders by the trained ensemble (rlhf.reward_ensemble) were measured first
-and none beat random order: the entropy of its pick, by turns with random picks,
+40, 0.714 at 80), "more question marks" 0.840 (0.824, 0.861). At 80 all are level.
+Orders by the trained ensemble (rlhf.reward_ensemble) were measured first and
+none beat random order: the entropy of its pick, by turns with random picks,
 0.750 against 0.755 at 40 labels; the heads' disagreement (BALD) sought sets
 the taste calls a tie, which train nothing; the heads' spread of the margin,
 expected gradient length, density weighting, a diverse batch and optimism came
@@ -34,22 +35,23 @@ measured no better (0.770 at 40).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal, get_args
 
 from rlhf.chat import chat_prompt_ids
 from rlhf.errors import UserError
+from rlhf.rows import Completion
 
 if TYPE_CHECKING:  # torch is imported where it is used: the app reads ORDERS without loading it
     import torch
 
     from rlhf.model_stack import ModelStack
     from rlhf.reward_scoring import RewardScorer
-    from rlhf.rows import Completion
     from rlhf.store import Store
 
 Order = Literal["added", "uncertain", "random"]
 ORDERS: tuple[str, ...] = get_args(Order)
+Sets = Sequence[tuple[str, Sequence[Completion]]]   # (prompt text, completions) of each set
 
 # The prior's weight, in an average set's information. Held-out accuracy at 40
 # labels on benchmarks/active.py's "you/your" pairs: 0.782 at 0.03, 0.776 at 0.1,
@@ -135,7 +137,7 @@ def design_order(labeled: Sequence[torch.Tensor], waiting: Sequence[torch.Tensor
     return order + [i for i in range(len(waiting)) if not taken[i]]
 
 
-def set_features(scorer: RewardScorer, sets: Sequence[tuple[str, Sequence[Completion]]]) -> list[torch.Tensor]:
+def set_features(scorer: RewardScorer, sets: Sets) -> list[torch.Tensor]:
     """What the reward head reads of each answer of each (prompt text, completions)
     set: a [K, features] tensor per set, all sets in one batched pass."""
     from rlhf.reward_scoring import batched_features
@@ -179,19 +181,14 @@ def labeled_sets(store: Store, limit: int = MAX_LABELED) -> list[tuple[str, list
     return [(store.prompt(c.prompt_id).text, store.completions(c.completion_ids)) for c in latest]
 
 
-def label_priorities(scorer: RewardScorer, waiting: Sequence[tuple[str, Sequence[Completion]]],
-                     labeled: Sequence[tuple[str, Sequence[Completion]]] = ()) -> list[float]:
+def label_priorities(read: Callable[[Sets], list[torch.Tensor]], waiting: Sets, labeled: Sets = ()) -> list[float]:
     """For each waiting (prompt text, completions) set, how soon the uncertain order
-    labels it given the ``labeled`` sets (``design_order``): the first gets the
-    highest value, sets past ``MAX_PICKS`` (or ``MAX_WAITING``) get 0."""
+    labels it given the ``labeled`` sets (``design_order``), their features read by
+    ``read`` (``set_features`` with a scorer, say): the first gets the highest
+    value, sets past ``MAX_PICKS`` (or ``MAX_WAITING``) get 0."""
     ranked = list(waiting[:MAX_WAITING])
-    features = set_features(scorer, [*ranked, *labeled])
-    return design_priorities(features[len(ranked):], features[:len(ranked)]) + [0.0] * (len(waiting) - len(ranked))
-
-
-def design_priorities(labeled: Sequence[torch.Tensor], waiting: Sequence[torch.Tensor]) -> list[float]:
-    """``label_priorities`` from the sets' features ([K, features] each)."""
-    order = design_order(labeled, waiting)
+    features = read([*ranked, *labeled])
+    order = design_order(features[len(ranked):], features[:len(ranked)])
     priority = [0.0] * len(waiting)
     for rank, i in enumerate(order[:MAX_PICKS]):
         priority[i] = float(len(order) - rank)

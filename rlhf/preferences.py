@@ -13,11 +13,12 @@ Each kind of answer is a small rule (after lm-human-preferences' label_types.py)
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 from itertools import combinations
 from typing import TYPE_CHECKING
 
 from rlhf.errors import UserError
-from rlhf.label_order import label_priorities, labeled_sets, ordered
+from rlhf.label_order import label_priorities, labeled_sets, ordered, set_features
 from rlhf.rows import LABEL_KINDS, Comparison, count_decided
 from rlhf.rules import Rule, judge
 from rlhf.store import Store
@@ -90,8 +91,8 @@ def label_by_rule(store: Store, rule: Rule, *, k: int = 4, rank: bool = False, l
     pending = store.pending_sets(k)
     priority = None
     if order == "uncertain" and scorer is not None:
-        priority = label_priorities(scorer, [(store.prompt(pid).text, shown) for pid, shown in pending],
-                                    labeled_sets(store))
+        priority = label_priorities(partial(set_features, scorer),
+                                    [(store.prompt(pid).text, shown) for pid, shown in pending], labeled_sets(store))
     kinds: Counter[str] = Counter()
     for i in ordered(pending, order, priority=priority, seed=seed)[:limit]:
         prompt_id, shown = pending[i]

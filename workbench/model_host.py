@@ -53,6 +53,7 @@ from workbench.messages import (
 
 if TYPE_CHECKING:
     from rlhf.drift import Contender
+    from rlhf.label_order import Sets
     from rlhf.reward_eval import LabeledPairScore
     from rlhf.reward_scoring import RewardScorer
 
@@ -339,28 +340,17 @@ class ModelHost:
         """How soon the uncertain order labels each (prompt id, completions) set,
         given the labels so far: PrioritiesMeasured to ``requester``. Nothing
         before the model is loaded."""
-        from rlhf.label_order import MAX_WAITING
-
-        if self.stack is not None and sets:  # the oldest MAX_WAITING are ranked, the rest come after
-            _in_thread(requester, partial(self._priorities, requester, list(sets)[:MAX_WAITING]), PRIORITIES_GROUP,
-                       exclusive=True)
+        if self.stack is not None and sets:
+            _in_thread(requester, partial(self._priorities, requester, list(sets)), PRIORITIES_GROUP, exclusive=True)
 
     def _priorities(self, requester: DOMNode, sets: list[tuple[int, Sequence[Completion]]]) -> None:
-        from rlhf.label_order import base_scorer, design_priorities, labeled_sets, set_features
+        from rlhf.label_order import label_priorities, labeled_sets
 
         try:
-            texts = [(self.store.prompt(pid).text, shown) for pid, shown in sets] + labeled_sets(self.store)
-            features = []
-            version = self._latest_reward_version()
-            # A few sets at a time, the lock let go between: reading hundreds of
-            # answers takes a minute, and sampling the next prompt should not wait.
-            for start in range(0, len(texts), PRIORITY_CHUNK):
-                if _worker_cancelled() or self._latest_reward_version() != version:
-                    return  # a newer measurement was asked for, or the reward read-out changed midway
-                with self.lock:
-                    scorer = self._scorer() or base_scorer(self.stack)  # no reward version yet: the base's features
-                    features += set_features(scorer, texts[start:start + PRIORITY_CHUNK])
-            values = design_priorities(features[len(sets):], features[:len(sets)])
+            texts = [(self.store.prompt(pid).text, shown) for pid, shown in sets]
+            values = label_priorities(self._read_features, texts, labeled_sets(self.store))
+        except WorkerCancelled:  # a newer measurement was asked for, or the reward read-out changed midway
+            return
         except Exception:  # the order is a help: the queue keeps its order
             log.exception("measuring the labeling priorities failed")
             return
@@ -408,6 +398,23 @@ class ModelHost:
             if scorer is None:
                 return None
             return score_labeled_pairs(scorer, self.store, "label", self._scores)
+
+    def _read_features(self, sets: Sets) -> list[Any]:
+        """``label_order.set_features`` a few sets at a time, the lock let go
+        between: reading hundreds of answers takes a minute, and sampling the next
+        prompt should not wait. WorkerCancelled when cancelled, or when a reward
+        version lands midway (its read-out would mix with the one before)."""
+        from rlhf.label_order import base_scorer, set_features
+
+        features: list[Any] = []
+        version = self._latest_reward_version()
+        for start in range(0, len(sets), PRIORITY_CHUNK):
+            if _worker_cancelled() or self._latest_reward_version() != version:
+                raise WorkerCancelled()
+            with self.lock:
+                scorer = self._scorer() or base_scorer(self.stack)  # no reward version yet: the base's features
+                features += set_features(scorer, sets[start:start + PRIORITY_CHUNK])
+        return features
 
     def _latest_reward_version(self) -> int | None:
         latest = self.store.checkpoint("reward")
